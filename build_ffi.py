@@ -1,0 +1,251 @@
+"""Build ``pydtls_ossl._openssl``: a cffi API-mode module compiled against libssl.
+
+One block per OpenSSL header (its cdefs), plus the engine's C helpers from
+``csrc/engine.c``. OpenSSL 3.0 is the floor; later calls go behind
+``PYDTLS_HAS_*`` flags so a 3.0 build never references a missing symbol.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+CRYPTO = """
+#define OPENSSL_VERSION_NUMBER ...
+unsigned long OpenSSL_version_num(void);
+const char *OpenSSL_version(int);
+#define OPENSSL_VERSION ...
+void *CRYPTO_malloc(size_t, const char *, int);
+void CRYPTO_free(void *, const char *, int);
+int CRYPTO_memcmp(const void *, const void *, size_t);
+"""
+
+ERR = """
+unsigned long ERR_get_error_all(const char **, int *, const char **,
+                                const char **, int *);
+unsigned long ERR_peek_error(void);
+void ERR_clear_error(void);
+void ERR_error_string_n(unsigned long, char *, size_t);
+const char *ERR_lib_error_string(unsigned long);
+const char *ERR_reason_error_string(unsigned long);
+#define ERR_TXT_STRING ...
+"""
+
+BIO = """
+typedef ... BIO;
+typedef ... BIO_METHOD;
+BIO *BIO_new_mem_buf(const void *, int);
+BIO *BIO_new(const BIO_METHOD *);
+const BIO_METHOD *BIO_s_mem(void);
+int BIO_free(BIO *);
+long BIO_get_mem_data(BIO *, char **);
+"""
+
+EVP = """
+typedef ... EVP_MD;
+typedef ... EVP_PKEY;
+const EVP_MD *EVP_get_digestbyname(const char *);
+int EVP_MD_get_size(const EVP_MD *);
+const EVP_MD *EVP_sha256(void);
+void EVP_PKEY_free(EVP_PKEY *);
+EVP_PKEY *EVP_EC_gen(const char *);
+EVP_PKEY *EVP_RSA_gen(unsigned int);
+int i2d_PrivateKey(const EVP_PKEY *, unsigned char **);
+EVP_PKEY *d2i_AutoPrivateKey(EVP_PKEY **, const unsigned char **, long);
+"""
+
+BN = """
+typedef ... BIGNUM;
+BIGNUM *BN_new(void);
+void BN_free(BIGNUM *);
+int BN_rand(BIGNUM *, int, int, int);
+"""
+
+ASN1 = """
+typedef ... ASN1_INTEGER;
+typedef ... ASN1_TIME;
+ASN1_INTEGER *BN_to_ASN1_INTEGER(const BIGNUM *, ASN1_INTEGER *);
+void ASN1_INTEGER_free(ASN1_INTEGER *);
+int ASN1_TIME_to_tm(const ASN1_TIME *, struct tm *);
+"""
+
+X509 = """
+typedef ... X509;
+typedef ... X509_NAME;
+typedef ... X509_STORE;
+typedef ... X509_EXTENSION;
+typedef struct { ...; } X509V3_CTX;
+X509 *X509_new(void);
+void X509_free(X509 *);
+int X509_up_ref(X509 *);
+int X509_set_version(X509 *, long);
+int X509_set_serialNumber(X509 *, ASN1_INTEGER *);
+ASN1_TIME *X509_getm_notBefore(const X509 *);
+ASN1_TIME *X509_getm_notAfter(const X509 *);
+ASN1_TIME *X509_gmtime_adj(ASN1_TIME *, long);
+int X509_set_pubkey(X509 *, EVP_PKEY *);
+X509_NAME *X509_get_subject_name(const X509 *);
+X509_NAME *X509_get_issuer_name(const X509 *);
+int X509_set_issuer_name(X509 *, const X509_NAME *);
+int X509_NAME_add_entry_by_txt(X509_NAME *, const char *, int,
+                               const unsigned char *, int, int, int);
+int X509_NAME_print_ex(BIO *, const X509_NAME *, int, unsigned long);
+#define XN_FLAG_RFC2253 ...
+#define MBSTRING_UTF8 ...
+int X509_sign(X509 *, EVP_PKEY *, const EVP_MD *);
+int X509_digest(const X509 *, const EVP_MD *, unsigned char *, unsigned int *);
+int X509_add_ext(X509 *, X509_EXTENSION *, int);
+void X509_EXTENSION_free(X509_EXTENSION *);
+void X509V3_set_ctx(X509V3_CTX *, X509 *, X509 *, void *, void *, int);
+X509_EXTENSION *X509V3_EXT_conf_nid(void *, X509V3_CTX *, int, const char *);
+#define NID_basic_constraints ...
+#define NID_subject_alt_name ...
+#define NID_key_usage ...
+#define NID_subject_key_identifier ...
+int i2d_X509(const X509 *, unsigned char **);
+X509 *d2i_X509(X509 **, const unsigned char **, long);
+int X509_STORE_add_cert(X509_STORE *, X509 *);
+const char *X509_verify_cert_error_string(long);
+#define X509_V_OK ...
+#define X509_V_ERR_CERT_REJECTED ...
+"""
+
+PEM = """
+X509 *PEM_read_bio_X509(BIO *, X509 **, void *, void *);
+EVP_PKEY *PEM_read_bio_PrivateKey(BIO *, EVP_PKEY **, void *, void *);
+int PEM_write_bio_X509(BIO *, const X509 *);
+int PEM_write_bio_PKCS8PrivateKey(BIO *, const EVP_PKEY *, const void *,
+                                  const char *, int, void *, void *);
+"""
+
+SSL = """
+typedef ... SSL_METHOD;
+typedef ... SSL_CTX;
+typedef ... SSL;
+typedef ... SSL_CIPHER;
+const SSL_METHOD *DTLS_method(void);
+SSL_CTX *SSL_CTX_new(const SSL_METHOD *);
+void SSL_CTX_free(SSL_CTX *);
+uint64_t SSL_CTX_set_options(SSL_CTX *, uint64_t);
+int SSL_CTX_set_min_proto_version(SSL_CTX *, int);
+int SSL_CTX_set_max_proto_version(SSL_CTX *, int);
+int SSL_CTX_set_cipher_list(SSL_CTX *, const char *);
+int SSL_CTX_set1_groups_list(SSL_CTX *, const char *);
+long SSL_CTX_set_session_cache_mode(SSL_CTX *, long);
+void SSL_CTX_set_verify(SSL_CTX *, int, void *);
+int SSL_CTX_use_certificate(SSL_CTX *, X509 *);
+int SSL_CTX_use_PrivateKey(SSL_CTX *, EVP_PKEY *);
+int SSL_CTX_add1_chain_cert(SSL_CTX *, X509 *);
+int SSL_CTX_check_private_key(const SSL_CTX *);
+X509 *SSL_CTX_get0_certificate(const SSL_CTX *);
+int SSL_CTX_load_verify_locations(SSL_CTX *, const char *, const char *);
+X509_STORE *SSL_CTX_get_cert_store(const SSL_CTX *);
+void SSL_CTX_set_verify_depth(SSL_CTX *, int);
+int SSL_set1_host(SSL *, const char *);
+long SSL_set_tlsext_host_name(SSL *, char *);
+const char *SSL_get_version(const SSL *);
+const SSL_CIPHER *SSL_get_current_cipher(const SSL *);
+const char *SSL_CIPHER_get_name(const SSL_CIPHER *);
+const char *SSL_CIPHER_get_version(const SSL_CIPHER *);
+int SSL_CIPHER_get_bits(const SSL_CIPHER *, int *);
+X509 *SSL_get0_peer_certificate(const SSL *);
+X509 *SSL_get_certificate(const SSL *);
+long SSL_get_verify_result(const SSL *);
+int SSL_session_reused(const SSL *);
+int SSL_export_keying_material(SSL *, unsigned char *, size_t, const char *,
+                               size_t, const unsigned char *, size_t, int);
+const char *SSL_alert_desc_string_long(int);
+#define DTLS1_2_VERSION ...
+#define SSL_OP_NO_RENEGOTIATION ...
+#define SSL_OP_NO_COMPRESSION ...
+#define SSL_OP_CIPHER_SERVER_PREFERENCE ...
+#define SSL_OP_NO_QUERY_MTU ...
+#define SSL_SESS_CACHE_OFF ...
+#define SSL_VERIFY_NONE ...
+#define SSL_VERIFY_PEER ...
+#define SSL_VERIFY_FAIL_IF_NO_PEER_CERT ...
+#define SSL_ERROR_SSL ...
+#define SSL_ERROR_SYSCALL ...
+"""
+
+ENGINE = """
+#define PD_STATE_NEW ...
+#define PD_STATE_HANDSHAKING ...
+#define PD_STATE_ESTABLISHED ...
+#define PD_STATE_PEER_CLOSED ...
+#define PD_STATE_FAILED ...
+#define PD_STATE_CLOSED ...
+#define PD_ERR_SSL ...
+#define PD_ERR_TOO_BIG ...
+#define PD_ERR_STATE ...
+#define PD_ERR_NOMEM ...
+#define PD_ERR_OVERSIZE ...
+#define PD_MAX_PINS ...
+#define PD_MAX_PLAINTEXT ...
+typedef struct pd_conn {
+    SSL *ssl;
+    int state;
+    int is_server;
+    int ssl_error;
+    int alert_received;
+    int alert_sent;
+    int pin_mismatch;
+    int buffers_released;
+    unsigned int mtu;
+    size_t max_plaintext;
+    const char *data;
+    size_t plain_count;
+    size_t plain_limit;
+    unsigned long long plain_dropped;
+    ...;
+} pd_conn;
+int pd_init(void);
+pd_conn *pd_dead_conn(void);
+pd_conn *pd_conn_new(SSL_CTX *, int, unsigned int, unsigned int, unsigned int);
+void pd_conn_free(pd_conn *);
+int pd_add_pin(pd_conn *, const EVP_MD *, const unsigned char *, unsigned int);
+void pd_verify_peer(pd_conn *, int);
+int pd_handshake(pd_conn *);
+int pd_feed(pd_conn *, const unsigned char *, size_t);
+long pd_pull(pd_conn *);
+int pd_write(pd_conn *, const char *, size_t);
+long pd_read(pd_conn *);
+double pd_get_timeout(pd_conn *);
+int pd_handle_timeout(pd_conn *);
+void pd_shutdown(pd_conn *);
+int pd_release_buffers(pd_conn *);
+"""
+
+HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
+           "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
+           "openssl/ec.h", "openssl/crypto.h", "time.h")
+
+
+def _source() -> str:
+    includes = "".join(f"#include <{h}>\n" for h in HEADERS)
+    guard = (
+        "#if OPENSSL_VERSION_NUMBER < 0x30000000L\n"
+        '#error "pydtls_ossl needs OpenSSL 3.0 or newer"\n'
+        "#endif\n"
+    )
+    return includes + guard + (HERE / "csrc" / "engine.c").read_text()
+
+
+ffi = FFI()
+ffi.cdef("struct tm { int tm_sec; int tm_min; int tm_hour; int tm_mday; "
+         "int tm_mon; int tm_year; ...; };\n"
+         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + ENGINE)
+ffi.set_source(
+    "pydtls_ossl._openssl",
+    _source(),
+    libraries=["ssl", "crypto"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"]
+    + (["-Werror"] if os.environ.get("PYDTLS_WERROR") else []),
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

@@ -1,0 +1,644 @@
+/*
+ * pydtls_ossl C helpers: one association's datagram BIO and the engine's
+ * hot paths, so that each public engine call is one call into C.
+ *
+ * A pd_conn owns its SSL; the SSL owns the one BIO used for both directions;
+ * the BIO borrows the pd_conn. Nothing here does I/O or reads a clock.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/ssl.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+#include <openssl/crypto.h>
+
+#define PD_STATE_NEW 0
+#define PD_STATE_HANDSHAKING 1
+#define PD_STATE_ESTABLISHED 2
+#define PD_STATE_PEER_CLOSED 3
+#define PD_STATE_FAILED 4
+#define PD_STATE_CLOSED 5
+
+#define PD_ERR_SSL -1
+#define PD_ERR_TOO_BIG -2
+#define PD_ERR_STATE -3
+#define PD_ERR_NOMEM -4
+#define PD_ERR_OVERSIZE -5
+
+#define PD_RECORD_HEADER 13
+#define PD_MAX_PLAINTEXT 16384
+#define PD_MAX_PINS 8
+
+typedef struct pd_node {
+    struct pd_node *next;
+    size_t len;
+    unsigned char data[];
+} pd_node;
+
+typedef struct pd_pin {
+    const EVP_MD *md;
+    unsigned int len;
+    unsigned char digest[EVP_MAX_MD_SIZE];
+} pd_pin;
+
+typedef struct pd_conn {
+    SSL *ssl;
+    int state;
+    int is_server;
+    int ssl_error;
+    int alert_received;
+    int alert_sent;
+    int pin_mismatch;
+    int accept_any_certificate;
+    int buffers_released;
+    unsigned int mtu;
+    unsigned int rto_initial_us;
+    unsigned int rto_max_us;
+    size_t max_plaintext;
+    const char *data;
+    size_t plain_count;
+    size_t plain_bytes;
+    size_t plain_limit;
+    unsigned long long plain_dropped;
+    /* outgoing: a run of whole DTLS records, packed into datagrams by pd_pull */
+    unsigned char *out;
+    size_t out_off, out_len, out_cap;
+    /* incoming: the datagram of the current pd_feed (borrowed), then copies */
+    const unsigned char *in_ptr;
+    size_t in_len;
+    pd_node *in_head, *in_tail;
+    /* plaintext records read but not yet taken by pd_read */
+    pd_node *plain_head, *plain_tail;
+    pd_node *taken;
+    int npins;
+    pd_pin *pins;
+} pd_conn;
+
+static BIO_METHOD *pd_bio_method = NULL;
+static int pd_ex_index = -1;
+static __thread unsigned char pd_scratch[PD_MAX_PLAINTEXT];
+
+/* A closed engine points here, so every call on it is a cheap no-op. */
+static pd_conn pd_dead = {
+    .state = PD_STATE_CLOSED, .alert_received = -1, .alert_sent = -1,
+};
+
+static pd_node *pd_node_new(const void *data, size_t len)
+{
+    pd_node *n = malloc(sizeof(pd_node) + len);
+    if (n == NULL)
+        return NULL;
+    n->next = NULL;
+    n->len = len;
+    memcpy(n->data, data, len);
+    return n;
+}
+
+static void pd_nodes_free(pd_node *n)
+{
+    while (n != NULL) {
+        pd_node *next = n->next;
+        free(n);
+        n = next;
+    }
+}
+
+/* ---------------------------------------------------------------- BIO */
+
+static int pd_bio_write(BIO *b, const char *in, int inl)
+{
+    pd_conn *c = BIO_get_data(b);
+    size_t need;
+
+    BIO_clear_retry_flags(b);
+    if (c == NULL || inl <= 0)
+        return 0;
+    need = c->out_len + (size_t)inl;
+    if (c->out_off + need > c->out_cap) {
+        if (c->out_off != 0) {
+            memmove(c->out, c->out + c->out_off, c->out_len);
+            c->out_off = 0;
+        }
+        if (need > c->out_cap) {
+            size_t cap = c->out_cap ? c->out_cap * 2 : 2048;
+            unsigned char *p;
+            while (cap < need)
+                cap *= 2;
+            p = realloc(c->out, cap);
+            if (p == NULL)
+                return -1;
+            c->out = p;
+            c->out_cap = cap;
+        }
+    }
+    memcpy(c->out + c->out_off + c->out_len, in, (size_t)inl);
+    c->out_len += (size_t)inl;
+    return inl;
+}
+
+static int pd_bio_read(BIO *b, char *out, int outl)
+{
+    pd_conn *c = BIO_get_data(b);
+    const unsigned char *src;
+    pd_node *node = NULL;
+    size_t n;
+
+    BIO_clear_retry_flags(b);
+    if (c == NULL || outl <= 0)
+        return 0;
+    if (c->in_ptr != NULL) {
+        src = c->in_ptr;
+        n = c->in_len;
+        c->in_ptr = NULL;
+    } else if (c->in_head != NULL) {
+        node = c->in_head;
+        c->in_head = node->next;
+        if (c->in_head == NULL)
+            c->in_tail = NULL;
+        src = node->data;
+        n = node->len;
+    } else {
+        BIO_set_retry_read(b);
+        return -1;
+    }
+    /* A datagram larger than OpenSSL's read buffer loses its tail; the cut
+     * record then fails its length check and is dropped, as RFC 6347 asks. */
+    if (n > (size_t)outl)
+        n = (size_t)outl;
+    memcpy(out, src, n);
+    free(node);
+    return (int)n;
+}
+
+static long pd_bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    pd_conn *c = BIO_get_data(b);
+    (void)num;
+    (void)ptr;
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+        return 1;
+    case BIO_CTRL_PENDING:
+        if (c == NULL)
+            return 0;
+        if (c->in_ptr != NULL)
+            return (long)c->in_len;
+        return c->in_head ? (long)c->in_head->len : 0;
+    case BIO_CTRL_DGRAM_QUERY_MTU:
+        return c ? (long)c->mtu : 0;
+    default:
+        /* WPENDING answers 0: pd_pull repacks records, so OpenSSL must not
+         * shrink its fragments for bytes the application has not pulled. */
+        return 0;
+    }
+}
+
+static int pd_bio_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static int pd_bio_destroy(BIO *b)
+{
+    BIO_set_data(b, NULL);
+    BIO_set_init(b, 0);
+    return 1;
+}
+
+/* ---------------------------------------------------------- callbacks */
+
+static pd_conn *pd_from_ssl(const SSL *s)
+{
+    return s ? SSL_get_ex_data(s, pd_ex_index) : NULL;
+}
+
+static unsigned int pd_timer_cb(SSL *s, unsigned int timer_us)
+{
+    pd_conn *c = pd_from_ssl(s);
+    unsigned long long next;
+    if (c == NULL)
+        return timer_us ? timer_us * 2 : 1000000;
+    if (timer_us == 0)
+        return c->rto_initial_us;
+    next = (unsigned long long)timer_us * 2;
+    if (next > c->rto_max_us)
+        next = c->rto_max_us;
+    return (unsigned int)next;
+}
+
+static void pd_info_cb(const SSL *s, int where, int ret)
+{
+    pd_conn *c;
+    if (!(where & SSL_CB_ALERT))
+        return;
+    c = pd_from_ssl(s);
+    if (c == NULL)
+        return;
+    if (where & SSL_CB_READ)
+        c->alert_received = ret;
+    else
+        c->alert_sent = ret;
+}
+
+static int pd_verify_cb(int preverify_ok, X509_STORE_CTX *store)
+{
+    SSL *s = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+    pd_conn *c = pd_from_ssl(s);
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int len;
+    X509 *cert;
+    int i;
+
+    if (c == NULL)
+        return preverify_ok;
+    if (c->npins == 0) {
+        if (c->accept_any_certificate) {
+            X509_STORE_CTX_set_error(store, X509_V_OK);
+            return 1;
+        }
+        return preverify_ok;
+    }
+    /* Pinned: the leaf's digest is the trust anchor; chain errors do not count. */
+    if (X509_STORE_CTX_get_error_depth(store) > 0) {
+        X509_STORE_CTX_set_error(store, X509_V_OK);
+        return 1;
+    }
+    cert = X509_STORE_CTX_get_current_cert(store);
+    for (i = 0; cert != NULL && i < c->npins; i++) {
+        if (X509_digest(cert, c->pins[i].md, digest, &len) == 1
+                && len == c->pins[i].len
+                && CRYPTO_memcmp(digest, c->pins[i].digest, len) == 0) {
+            X509_STORE_CTX_set_error(store, X509_V_OK);
+            return 1;
+        }
+    }
+    c->pin_mismatch = 1;
+    X509_STORE_CTX_set_error(store, X509_V_ERR_CERT_REJECTED);
+    return 0;
+}
+
+/* --------------------------------------------------------- life cycle */
+
+int pd_init(void)
+{
+    if (pd_bio_method != NULL)
+        return 1;
+    pd_ex_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+    if (pd_ex_index < 0)
+        return 0;
+    pd_bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK,
+                                 "pydtls_ossl datagram");
+    if (pd_bio_method == NULL)
+        return 0;
+    BIO_meth_set_write(pd_bio_method, pd_bio_write);
+    BIO_meth_set_read(pd_bio_method, pd_bio_read);
+    BIO_meth_set_ctrl(pd_bio_method, pd_bio_ctrl);
+    BIO_meth_set_create(pd_bio_method, pd_bio_create);
+    BIO_meth_set_destroy(pd_bio_method, pd_bio_destroy);
+    return 1;
+}
+
+pd_conn *pd_dead_conn(void)
+{
+    return &pd_dead;
+}
+
+void pd_conn_free(pd_conn *c)
+{
+    if (c == NULL || c == &pd_dead)
+        return;
+    SSL_free(c->ssl);
+    pd_nodes_free(c->in_head);
+    pd_nodes_free(c->plain_head);
+    free(c->taken);
+    free(c->out);
+    free(c->pins);
+    free(c);
+}
+
+pd_conn *pd_conn_new(SSL_CTX *ctx, int is_server, unsigned int mtu,
+                     unsigned int rto_initial_us, unsigned int rto_max_us)
+{
+    pd_conn *c = calloc(1, sizeof(pd_conn));
+    BIO *bio;
+
+    if (c == NULL)
+        return NULL;
+    c->alert_received = -1;
+    c->alert_sent = -1;
+    c->is_server = is_server;
+    c->mtu = mtu;
+    c->rto_initial_us = rto_initial_us;
+    c->rto_max_us = rto_max_us;
+    c->plain_limit = 1 << 20;
+    c->ssl = SSL_new(ctx);
+    if (c->ssl == NULL)
+        goto fail;
+    bio = BIO_new(pd_bio_method);
+    if (bio == NULL)
+        goto fail;
+    BIO_set_data(bio, c);
+    SSL_set_bio(c->ssl, bio, bio);
+    if (!SSL_set_ex_data(c->ssl, pd_ex_index, c))
+        goto fail;
+    if (is_server)
+        SSL_set_accept_state(c->ssl);
+    else
+        SSL_set_connect_state(c->ssl);
+    SSL_set_options(c->ssl, SSL_OP_NO_QUERY_MTU);
+    if (!SSL_set_mtu(c->ssl, mtu))
+        goto fail;
+    DTLS_set_timer_cb(c->ssl, pd_timer_cb);
+    SSL_set_info_callback(c->ssl, pd_info_cb);
+    return c;
+fail:
+    pd_conn_free(c);
+    return NULL;
+}
+
+int pd_add_pin(pd_conn *c, const EVP_MD *md, const unsigned char *digest,
+               unsigned int len)
+{
+    pd_pin *pins;
+    if (c->npins >= PD_MAX_PINS || len > EVP_MAX_MD_SIZE)
+        return 0;
+    pins = realloc(c->pins, sizeof(pd_pin) * (size_t)(c->npins + 1));
+    if (pins == NULL)
+        return 0;
+    c->pins = pins;
+    pins[c->npins].md = md;
+    pins[c->npins].len = len;
+    memcpy(pins[c->npins].digest, digest, len);
+    c->npins++;
+    return 1;
+}
+
+/* Ask for the peer's certificate and judge it by pins (or accept any). */
+void pd_verify_peer(pd_conn *c, int accept_any)
+{
+    c->accept_any_certificate = accept_any;
+    SSL_set_verify(c->ssl, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                   pd_verify_cb);
+}
+
+/* ------------------------------------------------------------- engine */
+
+/* Any SSL call may write (retransmits, alerts): restore released buffers. */
+static int pd_restore_buffers(pd_conn *c)
+{
+    if (!c->buffers_released)
+        return 1;
+    if (!SSL_alloc_buffers(c->ssl))
+        return 0;
+    c->buffers_released = 0;
+    return 1;
+}
+
+static void pd_fail(pd_conn *c, int ret)
+{
+    c->ssl_error = SSL_get_error(c->ssl, ret);
+    c->state = PD_STATE_FAILED;
+}
+
+/* Read every complete record now available into the plaintext queue. */
+static int pd_read_records(pd_conn *c)
+{
+    int count = 0;
+    for (;;) {
+        size_t got = 0;
+        int r = SSL_read_ex(c->ssl, pd_scratch, sizeof(pd_scratch), &got);
+        if (r == 1) {
+            pd_node *n;
+            if (c->plain_bytes + got > c->plain_limit) {
+                c->plain_dropped++;
+                continue;
+            }
+            n = pd_node_new(pd_scratch, got);
+            if (n == NULL) {
+                c->plain_dropped++;
+                continue;
+            }
+            if (c->plain_tail)
+                c->plain_tail->next = n;
+            else
+                c->plain_head = n;
+            c->plain_tail = n;
+            c->plain_count++;
+            c->plain_bytes += got;
+            count++;
+            continue;
+        }
+        r = SSL_get_error(c->ssl, 0);
+        if (r == SSL_ERROR_WANT_READ || r == SSL_ERROR_WANT_WRITE)
+            break;
+        if (r == SSL_ERROR_ZERO_RETURN) {
+            c->state = PD_STATE_PEER_CLOSED;
+            SSL_shutdown(c->ssl);
+            break;
+        }
+        c->ssl_error = r;
+        c->state = PD_STATE_FAILED;
+        break;
+    }
+    return count;
+}
+
+static int pd_handshake_step(pd_conn *c)
+{
+    int r;
+    c->state = PD_STATE_HANDSHAKING;
+    r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->state = PD_STATE_ESTABLISHED;
+        c->max_plaintext = DTLS_get_data_mtu(c->ssl);
+        if (c->max_plaintext > PD_MAX_PLAINTEXT)
+            c->max_plaintext = PD_MAX_PLAINTEXT;
+        return 1;
+    }
+    r = SSL_get_error(c->ssl, r);
+    if (r == SSL_ERROR_WANT_READ || r == SSL_ERROR_WANT_WRITE)
+        return 0;
+    c->ssl_error = r;
+    c->state = PD_STATE_FAILED;
+    return PD_ERR_SSL;
+}
+
+/* 1 finished, 0 in progress, <0 failed (error queue holds the reasons). */
+int pd_handshake(pd_conn *c)
+{
+    if (c->state == PD_STATE_ESTABLISHED)
+        return 1;
+    if (c->state > PD_STATE_ESTABLISHED)
+        return c->state == PD_STATE_FAILED ? PD_ERR_SSL : PD_ERR_STATE;
+    ERR_clear_error();
+    if (pd_handshake_step(c) == 1) {
+        pd_read_records(c);
+        return 1;
+    }
+    return c->state == PD_STATE_FAILED ? PD_ERR_SSL : 0;
+}
+
+/* Takes one UDP payload; returns how many plaintext records became readable. */
+int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
+{
+    int count = 0;
+    if (len == 0 || c->state > PD_STATE_ESTABLISHED)
+        return 0;
+    if (c->state == PD_STATE_NEW && !c->is_server)
+        return 0; /* a client that has not said hello expects nothing */
+    ERR_clear_error();
+    if (!pd_restore_buffers(c))
+        return 0;
+    c->in_ptr = data;
+    c->in_len = len;
+    if (c->state != PD_STATE_ESTABLISHED)
+        pd_handshake_step(c);
+    if (c->state == PD_STATE_ESTABLISHED)
+        count = pd_read_records(c);
+    if (c->in_ptr != NULL) {
+        pd_node *n = c->state <= PD_STATE_ESTABLISHED ? pd_node_new(data, len) : NULL;
+        c->in_ptr = NULL;
+        if (n != NULL) {
+            if (c->in_tail)
+                c->in_tail->next = n;
+            else
+                c->in_head = n;
+            c->in_tail = n;
+        }
+    }
+    if (c->state != PD_STATE_FAILED)
+        ERR_clear_error();
+    return count;
+}
+
+/* Length of the next datagram (c->data points at it until the next call),
+ * 0 when nothing is due, PD_ERR_OVERSIZE for a record larger than the MTU. */
+long pd_pull(pd_conn *c)
+{
+    const unsigned char *p = c->out + c->out_off;
+    size_t avail = c->out_len, take = 0;
+
+    while (avail - take >= PD_RECORD_HEADER) {
+        size_t rec = PD_RECORD_HEADER
+            + (((size_t)p[take + 11] << 8) | (size_t)p[take + 12]);
+        if (rec > avail - take)
+            break;
+        if (take + rec > c->mtu) {
+            if (take == 0) {
+                c->out_off += rec;
+                c->out_len -= rec;
+                return PD_ERR_OVERSIZE;
+            }
+            break;
+        }
+        take += rec;
+    }
+    if (take == 0)
+        return 0;
+    c->data = (const char *)p;
+    c->out_off += take;
+    c->out_len -= take;
+    if (c->out_len == 0)
+        c->out_off = 0;
+    return (long)take;
+}
+
+int pd_write(pd_conn *c, const char *data, size_t len)
+{
+    size_t written = 0;
+    int r;
+    if (c->state != PD_STATE_ESTABLISHED)
+        return c->state == PD_STATE_FAILED ? PD_ERR_SSL : PD_ERR_STATE;
+    if (len > c->max_plaintext)
+        return PD_ERR_TOO_BIG;
+    if (len == 0)
+        return 0;
+    ERR_clear_error();
+    if (!pd_restore_buffers(c))
+        return PD_ERR_NOMEM;
+    r = SSL_write_ex(c->ssl, data, len, &written);
+    if (r == 1)
+        return (int)written;
+    pd_fail(c, r);
+    return PD_ERR_SSL;
+}
+
+/* Length of the next plaintext record (c->data points at it), or -1. */
+long pd_read(pd_conn *c)
+{
+    pd_node *n = c->plain_head;
+    if (c->taken != NULL) {
+        free(c->taken);
+        c->taken = NULL;
+    }
+    if (n == NULL)
+        return -1;
+    c->plain_head = n->next;
+    if (c->plain_head == NULL)
+        c->plain_tail = NULL;
+    c->plain_count--;
+    c->plain_bytes -= n->len;
+    c->taken = n;
+    c->data = (const char *)n->data;
+    return (long)n->len;
+}
+
+/* Seconds until a retransmission is due, or -1 when no timer runs. */
+double pd_get_timeout(pd_conn *c)
+{
+    struct timeval tv;
+    if (c->ssl == NULL || c->state > PD_STATE_ESTABLISHED)
+        return -1.0;
+    if (DTLSv1_get_timeout(c->ssl, &tv) != 1)
+        return -1.0;
+    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+}
+
+/* 1 retransmitted, 0 nothing due, <0 failed (too many retransmissions). */
+int pd_handle_timeout(pd_conn *c)
+{
+    int r;
+    if (c->ssl == NULL || c->state > PD_STATE_ESTABLISHED)
+        return 0;
+    ERR_clear_error();
+    if (!pd_restore_buffers(c))
+        return 0;
+    r = DTLSv1_handle_timeout(c->ssl);
+    if (r < 0) {
+        c->ssl_error = SSL_ERROR_SSL;
+        c->state = PD_STATE_FAILED;
+        return PD_ERR_SSL;
+    }
+    ERR_clear_error();
+    return r;
+}
+
+/* Queue close_notify when the association is up; the engine is then closed. */
+void pd_shutdown(pd_conn *c)
+{
+    if (c->ssl == NULL)
+        return;
+    if (c->state == PD_STATE_ESTABLISHED && pd_restore_buffers(c)) {
+        ERR_clear_error();
+        SSL_shutdown(c->ssl);
+        ERR_clear_error();
+    }
+    if (c->state != PD_STATE_FAILED)
+        c->state = PD_STATE_CLOSED;
+}
+
+/* Free the ~33 KB of record buffers an idle association does not need;
+ * pd_write restores them (OpenSSL 3.0 crashes writing without them). */
+int pd_release_buffers(pd_conn *c)
+{
+    if (c->ssl == NULL || c->state != PD_STATE_ESTABLISHED)
+        return 0;
+    if (!SSL_free_buffers(c->ssl)) {
+        ERR_clear_error();
+        return 0;
+    }
+    c->buffers_released = 1;
+    return 1;
+}

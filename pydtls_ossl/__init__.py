@@ -1,0 +1,27 @@
+"""pydtls_ossl: DTLS 1.2 (RFC 6347) for Python over OpenSSL's libssl.
+
+The core is the sans-IO ``Dtls`` engine: ``feed()`` received datagrams,
+send what ``pull()`` returns, drive ``handshake()``, then ``write()``/
+``read()`` one record at a time. ``DtlsContext`` holds what many engines
+share. See README.md for a tour.
+"""
+
+from ._errors import (Alert, AlertDescription, AlertReceived, CertificateError,
+                      ConfigurationError, ConnectionClosed, DtlsError, FingerprintMismatch,
+                      HandshakeError, InternalError, LimitExceeded)
+from ._ffi import openssl_version
+from .certs import (Certificate, certificate_fingerprint, fingerprints_equal, format_fingerprint,
+                    generate_certificate, parse_fingerprint)
+from .context import DEFAULT_CIPHERS, DEFAULT_GROUPS, DtlsContext, Verify
+from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Alert", "AlertDescription", "AlertReceived", "CONTINUE", "Certificate", "CertificateError",
+    "ConfigurationError", "ConnectionClosed", "ConnectionState", "DEFAULT_CIPHERS",
+    "DEFAULT_GROUPS", "Dtls", "DtlsContext", "DtlsError", "FINISHED", "FingerprintMismatch",
+    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "Verify",
+    "certificate_fingerprint", "fingerprints_equal", "format_fingerprint",
+    "generate_certificate", "openssl_version", "parse_fingerprint",
+]

@@ -1,0 +1,73 @@
+"""Drive one ``Dtls`` engine over a connected, blocking UDP socket.
+
+The smallest correct loop: send what the engine queued, wait for a datagram
+no longer than the engine's retransmission timer, feed it, repeat. The demo
+and the interop tests use it; the socket surfaces build on the same steps.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from .engine import Dtls
+
+__all__ = ["flush", "handshake", "receive", "send"]
+
+_MAX_DATAGRAM = 65535
+
+
+def flush(engine: Dtls, sock: socket.socket) -> int:
+    """Send every datagram the engine has queued; return how many."""
+    sent = 0
+    while (datagram := engine.pull()) is not None:
+        sock.send(datagram)
+        sent += 1
+    return sent
+
+
+def _wait_and_feed(engine: Dtls, sock: socket.socket, deadline: float) -> int:
+    """Feed one datagram if it arrives before the timer or deadline; drive timers."""
+    now = time.monotonic()
+    if now >= deadline:
+        raise TimeoutError("DTLS peer did not answer in time")
+    timer = engine.get_timeout()
+    wait = deadline - now if timer is None else min(timer, deadline - now)
+    sock.settimeout(max(wait, 0.0005))
+    try:
+        datagram = sock.recv(_MAX_DATAGRAM)
+    except (socket.timeout, BlockingIOError):
+        engine.handle_timeout()
+        flush(engine, sock)
+        return 0
+    except ConnectionRefusedError:
+        return 0  # ICMP port unreachable: the peer may not be listening yet
+    readable = engine.feed(datagram)
+    flush(engine, sock)
+    return readable
+
+
+def handshake(engine: Dtls, sock: socket.socket, timeout: float = 10.0) -> None:
+    """Complete the handshake or raise ``HandshakeError``/``TimeoutError``."""
+    deadline = time.monotonic() + timeout
+    engine.handshake()
+    flush(engine, sock)
+    while not engine.handshake_finished:
+        _wait_and_feed(engine, sock, deadline)
+        engine.handshake()
+        flush(engine, sock)
+
+
+def send(engine: Dtls, sock: socket.socket, data: bytes) -> int:
+    """Write one record and send it."""
+    n = engine.write(data)
+    flush(engine, sock)
+    return n
+
+
+def receive(engine: Dtls, sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """The next record's plaintext; raises ``ConnectionClosed`` at close_notify."""
+    deadline = time.monotonic() + timeout
+    while (data := engine.read()) is None:
+        _wait_and_feed(engine, sock, deadline)
+    return data

@@ -1,0 +1,197 @@
+"""``DtlsContext``: one ``SSL_CTX`` shared by every engine of one configuration.
+
+A context per configuration, not per connection: a fresh ``SSL_CTX`` per
+association costs a third of the handshake rate and memory for nothing.
+Defaults are DTLS 1.2 only, ECDHE with AEAD ciphers, renegotiation off, and
+peer verification that the caller chooses explicitly (see ``Verify``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any, Iterable
+
+from ._errors import ConfigurationError, InternalError
+from ._ffi import check, check_ptr, drain_errors, ffi, lib
+from .certs import (CertificateSource, format_fingerprint, load_certificates,
+                    load_private_key, x509_digest)
+
+__all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DtlsContext", "Verify"]
+
+#: ECDHE key exchange with AEAD ciphers only, ECDSA first (what WebRTC uses).
+DEFAULT_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+))
+#: P-256 must be offered for P-256 certificates to be usable at all.
+DEFAULT_GROUPS = "X25519:P-256:P-384"
+
+_MIN_MTU = 256
+_MAX_MTU = 65507
+
+
+class Verify(enum.Enum):
+    """How the peer is authenticated. There is no silent default for clients.
+
+    ``CA``: the peer's chain must verify against ``cafile``/``cadata`` (and
+    the hostname, when one is given). ``FINGERPRINT``: the peer's leaf
+    certificate must match a pinned fingerprint (WebRTC, RFC 8122); chain and
+    dates are not checked. ``ANY_CERTIFICATE``: the peer must present a
+    certificate, any is accepted, and the application checks
+    ``get_peer_fingerprint()`` itself after the handshake (for an SDP answer
+    that arrives late). ``NONE``: no authentication at all; say so on purpose.
+    """
+
+    CA = "ca"
+    FINGERPRINT = "fingerprint"
+    ANY_CERTIFICATE = "any-certificate"
+    NONE = "none"
+
+
+def _seconds_to_us(seconds: float, what: str) -> int:
+    if not 0.001 <= seconds <= 600:
+        raise ValueError(f"{what} must be between 0.001 and 600 seconds, got {seconds}")
+    return int(seconds * 1_000_000)
+
+
+def check_mtu(mtu: int) -> int:
+    """Validate a datagram MTU (the UDP payload size, not the link MTU)."""
+    if not isinstance(mtu, int) or not _MIN_MTU <= mtu <= _MAX_MTU:
+        raise ValueError(f"mtu must be an int from {_MIN_MTU} to {_MAX_MTU}, got {mtu!r}")
+    return mtu
+
+
+class DtlsContext:
+    """Certificates, verification and ciphers shared by many ``Dtls`` engines.
+
+    ``cert``/``key`` take PEM or DER bytes, PEM text or file paths (a PEM
+    ``cert`` may carry the chain after the leaf). ``mtu`` is the largest UDP
+    payload an engine's ``pull()`` may return. ``initial_rto``/``max_rto`` set
+    the retransmission timer (seconds; doubled per timeout, RFC 6347 §4.2.4).
+    """
+
+    def __init__(
+        self,
+        cert: CertificateSource | None = None,
+        key: CertificateSource | None = None,
+        *,
+        password: bytes | None = None,
+        verify: Verify | str | None = None,
+        cafile: str | os.PathLike[str] | None = None,
+        cadata: bytes | str | None = None,
+        ciphers: str = DEFAULT_CIPHERS,
+        groups: str = DEFAULT_GROUPS,
+        mtu: int = 1200,
+        initial_rto: float = 1.0,
+        max_rto: float = 60.0,
+    ) -> None:
+        if (cert is None) != (key is None):
+            raise ValueError("cert and key go together: pass both or neither")
+        self.mtu = check_mtu(mtu)
+        self.initial_rto_us = _seconds_to_us(initial_rto, "initial_rto")
+        self.max_rto_us = _seconds_to_us(max_rto, "max_rto")
+        if self.max_rto_us < self.initial_rto_us:
+            raise ValueError("max_rto must not be below initial_rto")
+        has_ca = cafile is not None or cadata is not None
+        self.verify: Verify | None = Verify(verify) if verify is not None else (
+            Verify.CA if has_ca else None)
+        if self.verify is Verify.CA and not has_ca:
+            raise ConfigurationError("Verify.CA needs cafile= or cadata=")
+        self._fingerprints: dict[str, str] = {}
+
+        ctx = check_ptr(lib.SSL_CTX_new(lib.DTLS_method()), InternalError, "SSL_CTX_new")
+        self._ctx = ffi.gc(ctx, lib.SSL_CTX_free)
+        try:
+            self._configure(ciphers, groups)
+            if cert is not None and key is not None:
+                self._load_identity(cert, key, password)
+            if has_ca:
+                self._load_cas(cafile, cadata)
+        finally:
+            drain_errors()
+
+    # -------------------------------------------------------------- setup
+
+    def _configure(self, ciphers: str, groups: str) -> None:
+        ctx = self._ctx
+        check(lib.SSL_CTX_set_min_proto_version(ctx, lib.DTLS1_2_VERSION),
+              InternalError, "cannot require DTLS 1.2")
+        lib.SSL_CTX_set_options(ctx, lib.SSL_OP_NO_RENEGOTIATION | lib.SSL_OP_NO_COMPRESSION
+                                | lib.SSL_OP_CIPHER_SERVER_PREFERENCE | lib.SSL_OP_NO_QUERY_MTU)
+        check(lib.SSL_CTX_set_cipher_list(ctx, ciphers.encode()), ConfigurationError,
+              f"no usable cipher in {ciphers!r}")
+        check(lib.SSL_CTX_set1_groups_list(ctx, groups.encode()), ConfigurationError,
+              f"bad groups list {groups!r}")
+        # Stateless resumption (tickets) needs no server cache; memory stays flat.
+        lib.SSL_CTX_set_session_cache_mode(ctx, lib.SSL_SESS_CACHE_OFF)
+        mode = lib.SSL_VERIFY_NONE
+        if self.verify is Verify.CA:
+            mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+        lib.SSL_CTX_set_verify(ctx, mode, ffi.NULL)
+
+    def _load_identity(self, cert: CertificateSource, key: CertificateSource,
+                       password: bytes | None) -> None:
+        chain = load_certificates(cert)
+        pkey = load_private_key(key, password)
+        check(lib.SSL_CTX_use_certificate(self._ctx, chain[0]), ConfigurationError,
+              "certificate refused (too weak for the security level?)")
+        for extra in chain[1:]:
+            check(lib.SSL_CTX_add1_chain_cert(self._ctx, extra), ConfigurationError,
+                  "chain certificate refused")
+        check(lib.SSL_CTX_use_PrivateKey(self._ctx, pkey), ConfigurationError,
+              "private key refused")
+        check(lib.SSL_CTX_check_private_key(self._ctx), ConfigurationError,
+              "certificate and private key do not match")
+
+    def _load_cas(self, cafile: str | os.PathLike[str] | None, cadata: bytes | str | None) -> None:
+        if cafile is not None:
+            check(lib.SSL_CTX_load_verify_locations(self._ctx, os.fsencode(cafile), ffi.NULL),
+                  ConfigurationError, f"cannot load CA file {os.fspath(cafile)!r}")
+        if cadata is not None:
+            store = lib.SSL_CTX_get_cert_store(self._ctx)
+            for x509 in load_certificates(cadata if isinstance(cadata, bytes) else cadata.encode()):
+                check(lib.X509_STORE_add_cert(store, x509), ConfigurationError,
+                      "CA certificate refused")
+
+    # ----------------------------------------------------------- queries
+
+    @property
+    def has_certificate(self) -> bool:
+        return bool(lib.SSL_CTX_get0_certificate(self._ctx) != ffi.NULL)
+
+    def fingerprint(self, algorithm: str = "sha-256") -> str | None:
+        """Fingerprint of this context's own certificate, or None without one."""
+        cached = self._fingerprints.get(algorithm)
+        if cached is None:
+            x509 = lib.SSL_CTX_get0_certificate(self._ctx)
+            if x509 == ffi.NULL:
+                return None
+            cached = self._fingerprints[algorithm] = format_fingerprint(x509_digest(x509, algorithm))
+        return cached
+
+    @property
+    def ssl_ctx(self) -> Any:
+        """The underlying ``SSL_CTX *`` (owned by this object; do not free)."""
+        return self._ctx
+
+    def _role_check(self, is_server: bool, pins: Iterable[Any]) -> Verify:
+        """The verification an engine of this role will use, or an error."""
+        if list(pins):
+            return Verify.FINGERPRINT
+        if self.verify is Verify.FINGERPRINT:
+            raise ConfigurationError("Verify.FINGERPRINT needs expected_peer_fingerprint=")
+        if is_server and not self.has_certificate:
+            raise ConfigurationError("a DTLS server needs cert= and key=")
+        if self.verify is not None:
+            return self.verify
+        if is_server:
+            return Verify.NONE  # servers, as in TLS, do not ask for client certificates
+        raise ConfigurationError(
+            "a client must say how it authenticates the server: "
+            "expected_peer_fingerprint=..., cafile=/cadata= (Verify.CA), "
+            "or verify=Verify.NONE to accept any server on purpose")

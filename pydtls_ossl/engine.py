@@ -1,0 +1,404 @@
+"""``Dtls``: one DTLS association over memory, sans-IO.
+
+The application moves datagrams: ``feed()`` what arrived, send what
+``pull()`` returns, call ``handle_timeout()`` when ``get_timeout()`` says so.
+Names mirror the PHP ``Openssl\\Dtls`` proposal. Each hot-path method is one
+call into C plus one copy into ``bytes``; error details are built only when
+something failed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Sequence
+
+from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError,
+                      ConnectionClosed, DtlsError, FingerprintMismatch, HandshakeError,
+                      InternalError)
+from ._ffi import check, check_ptr, drain_errors, ffi, lib
+from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
+                    x509_digest, x509_to_der)
+from .context import DtlsContext, Verify, _seconds_to_us, check_mtu
+
+__all__ = ["CONTINUE", "FINISHED", "ConnectionState", "Dtls", "HandshakeStatus"]
+
+
+class HandshakeStatus(enum.IntEnum):
+    """What ``handshake()`` says; a failure raises ``HandshakeError`` instead."""
+
+    CONTINUE = 0
+    FINISHED = 1
+
+
+CONTINUE = HandshakeStatus.CONTINUE
+FINISHED = HandshakeStatus.FINISHED
+
+
+class ConnectionState(enum.IntEnum):
+    """Where one association stands."""
+
+    NEW = lib.PD_STATE_NEW
+    HANDSHAKING = lib.PD_STATE_HANDSHAKING
+    ESTABLISHED = lib.PD_STATE_ESTABLISHED
+    PEER_CLOSED = lib.PD_STATE_PEER_CLOSED
+    FAILED = lib.PD_STATE_FAILED
+    CLOSED = lib.PD_STATE_CLOSED
+
+
+_DEAD = lib.pd_dead_conn()
+_pd_feed = lib.pd_feed
+_pd_pull = lib.pd_pull
+_pd_write = lib.pd_write
+_pd_read = lib.pd_read
+_unpack = ffi.unpack
+_ESTABLISHED = lib.PD_STATE_ESTABLISHED
+_ERR_TOO_BIG = lib.PD_ERR_TOO_BIG
+_ERR_OVERSIZE = lib.PD_ERR_OVERSIZE
+_CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
+
+
+def _pins(expected: str | Sequence[str] | None) -> list[tuple[str, bytes]]:
+    if expected is None:
+        return []
+    items = [expected] if isinstance(expected, str) else list(expected)
+    if not items:
+        raise ValueError("expected_peer_fingerprint must not be empty")
+    if len(items) > lib.PD_MAX_PINS:
+        raise ValueError(f"at most {lib.PD_MAX_PINS} pinned fingerprints")
+    return [parse_fingerprint(item) for item in items]
+
+
+class Dtls:
+    """One DTLS 1.2 association, client or server, driven by the caller.
+
+    ``Dtls(is_server=True, cert=..., key=...)`` builds a private context;
+    pass ``context=`` to share one ``DtlsContext`` between many engines.
+    ``expected_peer_fingerprint`` (``'AB:CD:…'``, ``'sha-256 AB:…'`` or a list)
+    pins the peer's certificate: a mismatch fails the handshake inside it
+    with a bad_certificate alert. Not thread-safe; one thread at a time.
+    """
+
+    __slots__ = ("_conn", "_context", "_error", "_leftover", "_final_state", "__weakref__")
+
+    def __init__(
+        self,
+        is_server: bool = False,
+        cert: CertificateSource | None = None,
+        key: CertificateSource | None = None,
+        *,
+        context: DtlsContext | None = None,
+        mtu: int | None = None,
+        expected_peer_fingerprint: str | Sequence[str] | None = None,
+        server_hostname: str | None = None,
+        verify: Verify | str | None = None,
+        initial_rto: float | None = None,
+    ) -> None:
+        self._conn: Any = _DEAD
+        self._error: DtlsError | None = None
+        self._leftover: list[bytes] | None = None
+        self._final_state = ConnectionState.CLOSED
+        if context is None:
+            context = DtlsContext(cert, key, verify=verify)
+        elif cert is not None or key is not None or verify is not None:
+            raise ValueError("cert/key/verify belong to the context when context= is given")
+        self._context = context
+        pins = _pins(expected_peer_fingerprint)
+        mode = context._role_check(is_server, pins)
+        mtu = context.mtu if mtu is None else check_mtu(mtu)
+        rto = context.initial_rto_us if initial_rto is None else _seconds_to_us(initial_rto, "initial_rto")
+        conn = lib.pd_conn_new(context.ssl_ctx, int(is_server), mtu, rto,
+                               max(rto, context.max_rto_us))
+        self._conn = ffi.gc(check_ptr(conn, ConfigurationError, "cannot create the association"),
+                            lib.pd_conn_free)
+        if mode is Verify.FINGERPRINT:
+            for algorithm, digest in pins:
+                check(lib.pd_add_pin(conn, digest_for(algorithm), digest, len(digest)),
+                      InternalError, "cannot pin fingerprint")
+            lib.pd_verify_peer(conn, 0)
+        elif mode is Verify.ANY_CERTIFICATE:
+            lib.pd_verify_peer(conn, 1)
+        if server_hostname is not None:
+            if is_server:
+                raise ValueError("server_hostname is for clients")
+            name = server_hostname.encode("idna")
+            check(lib.SSL_set_tlsext_host_name(conn.ssl, name), ConfigurationError, "bad server_hostname")
+            if mode is Verify.CA:
+                check(lib.SSL_set1_host(conn.ssl, name), ConfigurationError, "bad server_hostname")
+        drain_errors()
+
+    # ------------------------------------------------------------ hot path
+
+    def feed(self, datagram: bytes) -> int:
+        """Process one received UDP payload; return how many records became readable.
+
+        Never raises for what the peer sent: garbage, replays and stale
+        retransmissions are dropped as RFC 6347 says; alerts and close_notify
+        change ``state`` and the next ``read()``/``write()`` raises.
+        """
+        try:
+            n: int = _pd_feed(self._conn, datagram, len(datagram))
+        except TypeError:
+            datagram = bytes(datagram)
+            n = _pd_feed(self._conn, datagram, len(datagram))
+        if n < 0:
+            self._dead_error()
+            return 0
+        return n
+
+    def pull(self) -> bytes | None:
+        """The next datagram to send (whole records, at most ``mtu`` bytes), or None."""
+        conn = self._conn
+        n = _pd_pull(conn)
+        if n > 0:
+            return _unpack(conn.data, n)  # type: ignore[no-any-return]
+        if n == 0:
+            return self._leftover.pop(0) if self._leftover else None
+        raise InternalError(f"OpenSSL wrote a record larger than the MTU ({conn.mtu})")
+
+    def write(self, data: bytes) -> int:
+        """Encrypt ``data`` as exactly one record; return its length.
+
+        Raises ``ValueError`` when ``data`` exceeds ``max_write_size`` (nothing
+        is fragmented or truncated). An empty write sends nothing: OpenSSL
+        does not emit empty application records.
+        """
+        try:
+            n: int = _pd_write(self._conn, data, len(data))
+        except TypeError:
+            data = bytes(data)
+            n = _pd_write(self._conn, data, len(data))
+        if n >= 0:
+            return n
+        if n == _ERR_TOO_BIG:
+            raise ValueError(f"{len(data)} bytes exceed the {self.max_write_size} one record "
+                             f"can carry at MTU {self._conn.mtu}")
+        raise self._dead_error()
+
+    def read(self) -> bytes | None:
+        """Plaintext of the next received record, or None when none is waiting.
+
+        After the peer's close_notify or a fatal alert, raises once the
+        queue is empty.
+        """
+        conn = self._conn
+        n = _pd_read(conn)
+        if n >= 0:
+            return _unpack(conn.data, n)  # type: ignore[no-any-return]
+        if conn.state <= _ESTABLISHED:
+            return None
+        raise self._dead_error()
+
+    # ----------------------------------------------------------- handshake
+
+    def handshake(self) -> HandshakeStatus:
+        """Advance the handshake; a client's first call sends its ClientHello."""
+        r = lib.pd_handshake(self._conn)
+        if r == 1:
+            return FINISHED
+        if r == 0:
+            return CONTINUE
+        raise self._dead_error()
+
+    def is_handshake_finished(self) -> bool:
+        return bool(self._conn.state == _ESTABLISHED)
+
+    @property
+    def handshake_finished(self) -> bool:
+        return self.is_handshake_finished()
+
+    def get_timeout(self) -> float | None:
+        """Seconds until ``handle_timeout()`` is due, or None when no timer runs."""
+        t: float = lib.pd_get_timeout(self._conn)
+        return None if t < 0 else t
+
+    def handle_timeout(self) -> bool:
+        """Retransmit if the timer expired; True when something was queued."""
+        r = lib.pd_handle_timeout(self._conn)
+        if r < 0:
+            raise self._dead_error()
+        return r > 0
+
+    # --------------------------------------------------------------- state
+
+    @property
+    def state(self) -> ConnectionState:
+        if self._conn is _DEAD:
+            return self._final_state
+        return ConnectionState(self._conn.state)
+
+    @property
+    def is_server(self) -> bool:
+        return bool(self._conn.is_server)
+
+    @property
+    def context(self) -> DtlsContext:
+        return self._context
+
+    @property
+    def mtu(self) -> int:
+        return int(self._conn.mtu)
+
+    @property
+    def max_write_size(self) -> int:
+        """Largest ``write()`` that fits one datagram with the agreed cipher (0 before)."""
+        return int(self._conn.max_plaintext)
+
+    @property
+    def dropped_records(self) -> int:
+        """Records dropped because the application left too much unread."""
+        return int(self._conn.plain_dropped)
+
+    def close(self) -> None:
+        """Send close_notify (collect it with ``pull()``) and free OpenSSL's memory.
+
+        Idempotent. Every later call but ``pull()`` raises ``ConnectionClosed``.
+        """
+        conn = self._conn
+        if conn is _DEAD:
+            return
+        lib.pd_shutdown(conn)
+        leftover = []
+        while (datagram := self.pull()) is not None:
+            leftover.append(datagram)
+        self._final_state = ConnectionState(conn.state)
+        if self._error is None and self._final_state is not ConnectionState.FAILED:
+            self._error = ConnectionClosed("the association was closed by close()")
+        elif self._error is None:
+            self._dead_error()
+        self._conn = _DEAD
+        ffi.release(conn)
+        self._leftover = leftover
+
+    shutdown = close
+
+    def __enter__(self) -> Dtls:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "server" if self._conn is not _DEAD and self.is_server else "client"
+        return f"<Dtls {role} {self.state.name.lower()}>"
+
+    # -------------------------------------------------------- introspection
+
+    def _ssl(self) -> Any:
+        conn = self._conn
+        if conn is _DEAD:
+            raise self._dead_error()
+        return conn.ssl
+
+    def _established_ssl(self) -> Any:
+        ssl = self._ssl()
+        if self._conn.state != _ESTABLISHED:
+            raise ValueError("the handshake has not finished")
+        return ssl
+
+    def version(self) -> str | None:
+        """Negotiated protocol, e.g. 'DTLSv1.2', or None before the handshake."""
+        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
+            return None
+        return str(ffi.string(lib.SSL_get_version(self._conn.ssl)).decode())
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """(name, protocol, secret bits) like ``ssl.SSLSocket.cipher()``, or None."""
+        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
+            return None
+        c = lib.SSL_get_current_cipher(self._conn.ssl)
+        if c == ffi.NULL:
+            return None
+        return (ffi.string(lib.SSL_CIPHER_get_name(c)).decode(),
+                ffi.string(lib.SSL_CIPHER_get_version(c)).decode(),
+                int(lib.SSL_CIPHER_get_bits(c, ffi.NULL)))
+
+    def session_reused(self) -> bool:
+        return self._conn is not _DEAD and bool(lib.SSL_session_reused(self._conn.ssl))
+
+    def export_keys(self, label: str | bytes, length: int, context: bytes | None = None) -> bytes:
+        """RFC 5705 keying material; DTLS-SRTP uses label 'EXTRACTOR-dtls_srtp'.
+
+        ``context=None`` and ``context=b''`` are different inputs, as the RFC says.
+        """
+        ssl = self._established_ssl()
+        if not 0 < length <= 65535:
+            raise ValueError("length must be from 1 to 65535")
+        label_bytes = label.encode("ascii") if isinstance(label, str) else bytes(label)
+        out = ffi.new("unsigned char[]", length)
+        ctx_bytes = b"" if context is None else bytes(context)
+        ok = lib.SSL_export_keying_material(ssl, out, length, label_bytes, len(label_bytes),
+                                            ctx_bytes, len(ctx_bytes), int(context is not None))
+        check(ok, InternalError, "SSL_export_keying_material failed")
+        return bytes(ffi.buffer(out, length))
+
+    def get_fingerprint(self, algorithm: str = "sha-256") -> str | None:
+        """RFC 8122 fingerprint of our own certificate, or None without one."""
+        return self._context.fingerprint(algorithm)
+
+    def get_peer_fingerprint(self, algorithm: str = "sha-256") -> str | None:
+        """RFC 8122 fingerprint of the peer's certificate, or None if it sent none."""
+        x509 = lib.SSL_get0_peer_certificate(self._ssl())
+        if x509 == ffi.NULL:
+            return None
+        return format_fingerprint(x509_digest(x509, algorithm))
+
+    def peer_certificate(self) -> bytes | None:
+        """The peer's certificate, DER-encoded, or None."""
+        x509 = lib.SSL_get0_peer_certificate(self._ssl())
+        return None if x509 == ffi.NULL else x509_to_der(x509)
+
+    def release_buffers(self) -> bool:
+        """Free the record buffers of an idle established association (~33 KB).
+
+        They come back by themselves on the next use. For servers holding
+        many quiet peers; True if something was freed.
+        """
+        return bool(lib.pd_release_buffers(self._conn))
+
+    # --------------------------------------------------------------- errors
+
+    def _dead_error(self) -> Exception:
+        """The exception that explains why this association cannot go on.
+
+        Built once, from OpenSSL's queue and the alerts seen, then raised by
+        every later call, so the queue is drained exactly when it failed.
+        """
+        if self._error is not None:
+            return self._error
+        conn = self._conn
+        state = conn.state
+        if state == lib.PD_STATE_NEW or state == lib.PD_STATE_HANDSHAKING:
+            return ValueError("the handshake has not finished")
+        if state == lib.PD_STATE_PEER_CLOSED:
+            self._error = ConnectionClosed("the peer closed the association (close_notify)")
+            return self._error
+        if state == lib.PD_STATE_CLOSED:
+            self._error = ConnectionClosed("the association was closed by close()")
+            return self._error
+        reasons = drain_errors()
+        received = Alert.from_info(conn.alert_received, True)
+        sent = Alert.from_info(conn.alert_sent, False)
+        if conn.max_plaintext:  # the handshake had finished
+            if received is not None and received.fatal:
+                self._error = AlertReceived(received, reasons)
+            else:
+                self._error = DtlsError(f"association failed{f' ({sent})' if sent else ''}", reasons)
+            return self._error
+        self._error = self._handshake_error(conn, reasons, received, sent)
+        return self._error
+
+    @staticmethod
+    def _handshake_error(conn: Any, reasons: tuple[str, ...], received: Alert | None,
+                         sent: Alert | None) -> HandshakeError:
+        if conn.pin_mismatch:
+            return FingerprintMismatch("peer certificate does not match the pinned fingerprint",
+                                       reasons, sent, lib.X509_V_ERR_CERT_REJECTED)
+        verify = lib.SSL_get_verify_result(conn.ssl)
+        if verify != lib.X509_V_OK and sent is not None and sent.description in _CERT_ALERTS:
+            text = ffi.string(lib.X509_verify_cert_error_string(verify)).decode()
+            return CertificateError(f"peer certificate rejected: {text}", reasons, sent, verify)
+        if received is not None and received.fatal:
+            return HandshakeError(f"handshake failed: peer sent {received}", reasons, received)
+        if any("timeout" in r for r in reasons):
+            return HandshakeError("handshake timed out: too many retransmissions", reasons, sent)
+        return HandshakeError("handshake failed" + (f": {sent}" if sent else ""), reasons, sent)
