@@ -97,6 +97,7 @@ int X509_NAME_print_ex(BIO *, const X509_NAME *, int, unsigned long);
 #define XN_FLAG_RFC2253 ...
 #define MBSTRING_UTF8 ...
 int X509_sign(X509 *, EVP_PKEY *, const EVP_MD *);
+int X509_check_private_key(const X509 *, const EVP_PKEY *);
 int X509_digest(const X509 *, const EVP_MD *, unsigned char *, unsigned int *);
 int X509_add_ext(X509 *, X509_EXTENSION *, int);
 void X509_EXTENSION_free(X509_EXTENSION *);

@@ -480,7 +480,54 @@ int pd_handshake(pd_conn *c)
     return c->state == PD_STATE_FAILED ? PD_ERR_SSL : 0;
 }
 
-/* Takes one UDP payload; returns how many plaintext records became readable. */
+/* Before the keys exist nothing is authenticated, and OpenSSL answers some
+ * malformed plaintext records with a fatal alert. RFC 6347 §4.1.2.7 asks for
+ * invalid records to be dropped, so a datagram whose records are not well
+ * formed is discarded before OpenSSL sees it. */
+static int pd_plausible(const unsigned char *d, size_t n)
+{
+    size_t off = 0;
+    if (n < PD_RECORD_HEADER)
+        return 0;
+    while (off < n) {
+        size_t len, epoch, pos, end;
+        const unsigned char *r = d + off;
+        if (n - off < PD_RECORD_HEADER)
+            return 0;
+        if (r[0] < 20 || r[0] > 23 || r[1] != 0xFE || (r[2] != 0xFD && r[2] != 0xFF))
+            return 0;
+        len = ((size_t)r[11] << 8) | r[12];
+        if (len > n - off - PD_RECORD_HEADER)
+            return 0;
+        epoch = ((size_t)r[3] << 8) | r[4];
+        pos = off + PD_RECORD_HEADER;
+        end = pos + len;
+        if (epoch == 0) {
+            if (r[0] == 20 && (len != 1 || d[pos] != 1))
+                return 0;
+            if (r[0] == 21 && (len != 2 || (d[pos] != 1 && d[pos] != 2)))
+                return 0;
+            if (r[0] == 23)
+                return 0;
+            while (r[0] == 22 && pos < end) {
+                size_t msg_len, frag_off, frag_len;
+                if (end - pos < 12)
+                    return 0;
+                msg_len = ((size_t)d[pos + 1] << 16) | ((size_t)d[pos + 2] << 8) | d[pos + 3];
+                frag_off = ((size_t)d[pos + 6] << 16) | ((size_t)d[pos + 7] << 8) | d[pos + 8];
+                frag_len = ((size_t)d[pos + 9] << 16) | ((size_t)d[pos + 10] << 8) | d[pos + 11];
+                if (frag_len > end - pos - 12 || frag_off + frag_len > msg_len)
+                    return 0;
+                pos += 12 + frag_len;
+            }
+        }
+        off = end;
+    }
+    return 1;
+}
+
+/* Takes one UDP payload; returns how many plaintext records became readable,
+ * or PD_ERR_SSL when this datagram ended the association. */
 int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
 {
     int count = 0;
@@ -488,6 +535,8 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         return 0;
     if (c->state == PD_STATE_NEW && !c->is_server)
         return 0; /* a client that has not said hello expects nothing */
+    if (c->state != PD_STATE_ESTABLISHED && !pd_plausible(data, len))
+        return 0;
     ERR_clear_error();
     if (!pd_restore_buffers(c))
         return 0;
@@ -508,8 +557,9 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
             c->in_tail = n;
         }
     }
-    if (c->state != PD_STATE_FAILED)
-        ERR_clear_error();
+    if (c->state == PD_STATE_FAILED)
+        return PD_ERR_SSL; /* the caller drains the queue into its exception */
+    ERR_clear_error();
     return count;
 }
 

@@ -53,9 +53,14 @@ class Verify(enum.Enum):
     NONE = "none"
 
 
+#: OpenSSL 3.0 treats a timer with under 15 ms left as expired, so a shorter
+#: RTO retransmits on every read and exhausts its retries inside one call.
+MIN_RTO = 0.02
+
+
 def _seconds_to_us(seconds: float, what: str) -> int:
-    if not 0.001 <= seconds <= 600:
-        raise ValueError(f"{what} must be between 0.001 and 600 seconds, got {seconds}")
+    if not MIN_RTO <= seconds <= 600:
+        raise ValueError(f"{what} must be between {MIN_RTO} and 600 seconds, got {seconds}")
     return int(seconds * 1_000_000)
 
 
@@ -138,6 +143,8 @@ class DtlsContext:
                        password: bytes | None) -> None:
         chain = load_certificates(cert)
         pkey = load_private_key(key, password)
+        if lib.X509_check_private_key(chain[0], pkey) != 1:
+            raise ConfigurationError("certificate and private key do not match", drain_errors())
         check(lib.SSL_CTX_use_certificate(self._ctx, chain[0]), ConfigurationError,
               "certificate refused (too weak for the security level?)")
         for extra in chain[1:]:
@@ -145,8 +152,6 @@ class DtlsContext:
                   "chain certificate refused")
         check(lib.SSL_CTX_use_PrivateKey(self._ctx, pkey), ConfigurationError,
               "private key refused")
-        check(lib.SSL_CTX_check_private_key(self._ctx), ConfigurationError,
-              "certificate and private key do not match")
 
     def _load_cas(self, cafile: str | os.PathLike[str] | None, cadata: bytes | str | None) -> None:
         if cafile is not None:

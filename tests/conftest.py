@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Iterator
+
+import pytest
+
+from pydtls_ossl import Certificate, Dtls, DtlsContext, generate_certificate, openssl_version
+
+from .helpers import Pair
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"libssl: {openssl_version()}; openssl app: {shutil.which('openssl')}"
+
+
+class Certs:
+    """Certificates made once per session through the library itself."""
+
+    def __init__(self) -> None:
+        self.server = generate_certificate("server.test", subject_alt_names=["DNS:localhost"])
+        self.client = generate_certificate("client.test")
+        self.ca = generate_certificate("Test CA", is_ca=True, days=365)
+        self.signed = generate_certificate("localhost", issuer=self.ca,
+                                           subject_alt_names=["DNS:localhost", "IP:127.0.0.1"])
+        self.rsa = generate_certificate("rsa.test", key_type="rsa")
+
+
+@pytest.fixture(scope="session")
+def certs() -> Certs:
+    return Certs()
+
+
+@pytest.fixture
+def make_pair(certs: Certs) -> Callable[..., Pair]:
+    """Build a client/server pair; both pin each other's certificate by default."""
+
+    def make(mtu: int = 1200, client_cert: Certificate | None = None,
+             server_cert: Certificate | None = None, initial_rto: float = 1.0) -> Pair:
+        s_cert = server_cert or certs.server
+        c_cert = client_cert or certs.client
+        server = Dtls(is_server=True, context=DtlsContext(s_cert.cert_pem, s_cert.key_pem, mtu=mtu,
+                                                          initial_rto=initial_rto),
+                      expected_peer_fingerprint=c_cert.fingerprint())
+        client = Dtls(context=DtlsContext(c_cert.cert_pem, c_cert.key_pem, mtu=mtu,
+                                          initial_rto=initial_rto),
+                      expected_peer_fingerprint=s_cert.fingerprint())
+        return Pair(client, server)
+
+    return make
+
+
+@pytest.fixture
+def pair(make_pair: Callable[..., Pair]) -> Iterator[Pair]:
+    p = make_pair()
+    p.handshake()
+    yield p
+    p.client.close()
+    p.server.close()
+
+
+def require_tool(name: str) -> str:
+    """Path of a third-party peer; CI sets PYDTLS_REQUIRE_INTEROP so a missing one fails."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("PYDTLS_REQUIRE_INTEROP"):
+            pytest.fail(f"{name} is required for interop tests (PYDTLS_REQUIRE_INTEROP is set)")
+        pytest.skip(f"{name} not installed (apt-get install {'gnutls-bin' if 'gnutls' in name else name})")
+    return path
