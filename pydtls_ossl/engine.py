@@ -213,7 +213,7 @@ class Dtls:
 
     def handle_timeout(self) -> bool:
         """Retransmit if the timer expired; True when something was queued."""
-        r = lib.pd_handle_timeout(self._conn)
+        r: int = lib.pd_handle_timeout(self._conn)
         if r < 0:
             raise self._dead_error()
         return r > 0

@@ -1,0 +1,26 @@
+"""The README's tour is code a user will paste: run it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_tour_runs(capsys: object) -> None:
+    tour = python_blocks()[0]
+    assert "export_keys" in tour
+    exec(compile(tour, "README.md", "exec"), {})
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "DTLSv1.2" in out
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    commands = re.findall(r"```\n(.*?)\n```", README.read_text(), flags=re.S)[:2]
+    assert commands[0].endswith("python -m pydtls_ossl demo")
+    assert "pytest" in commands[1]
