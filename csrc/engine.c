@@ -76,6 +76,13 @@ typedef struct pd_conn {
 } pd_conn;
 
 static BIO_METHOD *pd_bio_method = NULL;
+
+/* SSL_get_error needs an empty queue; peeking is cheaper than clearing. */
+static inline void pd_clear_errors(void)
+{
+    if (ERR_peek_error() != 0)
+        ERR_clear_error();
+}
 static int pd_ex_index = -1;
 static __thread unsigned char pd_scratch[PD_MAX_PLAINTEXT];
 
@@ -396,9 +403,30 @@ static int pd_restore_buffers(pd_conn *c)
     return 1;
 }
 
+static int pd_fatal_alert(int alert)
+{
+    return alert >= 0 && (alert >> 8) == SSL3_AL_FATAL;
+}
+
+/* Why an SSL call on an established association returned <= 0, without
+ * reading the error queue (costly in OpenSSL 3.0, and possibly left dirty by
+ * other code in this thread): alerts come from the info callback, and
+ * otherwise OpenSSL's rwstate says whether it only wants more data. */
+static int pd_error(pd_conn *c, int ret)
+{
+    if (pd_fatal_alert(c->alert_received) || pd_fatal_alert(c->alert_sent))
+        return SSL_ERROR_SSL;
+    if ((SSL_get_shutdown(c->ssl) & SSL_RECEIVED_SHUTDOWN)
+            && c->alert_received == (SSL3_AL_WARNING << 8 | SSL_AD_CLOSE_NOTIFY))
+        return SSL_ERROR_ZERO_RETURN;
+    if (SSL_want_read(c->ssl) || SSL_want_write(c->ssl))
+        return SSL_ERROR_WANT_READ;
+    return SSL_get_error(c->ssl, ret);
+}
+
 static void pd_fail(pd_conn *c, int ret)
 {
-    c->ssl_error = SSL_get_error(c->ssl, ret);
+    c->ssl_error = pd_error(c, ret);
     c->state = PD_STATE_FAILED;
 }
 
@@ -428,10 +456,12 @@ static int pd_read_records(pd_conn *c)
             c->plain_count++;
             c->plain_bytes += got;
             count++;
+            if (c->in_ptr == NULL && c->in_head == NULL && !SSL_has_pending(c->ssl))
+                break; /* nothing left to decrypt: skip the call that says so */
             continue;
         }
-        r = SSL_get_error(c->ssl, 0);
-        if (r == SSL_ERROR_WANT_READ || r == SSL_ERROR_WANT_WRITE)
+        r = pd_error(c, 0);
+        if (r == SSL_ERROR_WANT_READ)
             break;
         if (r == SSL_ERROR_ZERO_RETURN) {
             c->state = PD_STATE_PEER_CLOSED;
@@ -458,6 +488,8 @@ static int pd_handshake_step(pd_conn *c)
         return 1;
     }
     r = SSL_get_error(c->ssl, r);
+    if (pd_fatal_alert(c->alert_received) || pd_fatal_alert(c->alert_sent))
+        r = SSL_ERROR_SSL; /* 3.0 may leave rwstate READING after a fatal alert */
     if (r == SSL_ERROR_WANT_READ || r == SSL_ERROR_WANT_WRITE)
         return 0;
     c->ssl_error = r;
@@ -537,13 +569,14 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         return 0; /* a client that has not said hello expects nothing */
     if (c->state != PD_STATE_ESTABLISHED && !pd_plausible(data, len))
         return 0;
-    ERR_clear_error();
     if (!pd_restore_buffers(c))
         return 0;
     c->in_ptr = data;
     c->in_len = len;
-    if (c->state != PD_STATE_ESTABLISHED)
+    if (c->state != PD_STATE_ESTABLISHED) {
+        ERR_clear_error(); /* the handshake path reads the queue: start clean */
         pd_handshake_step(c);
+    }
     if (c->state == PD_STATE_ESTABLISHED)
         count = pd_read_records(c);
     if (c->in_ptr != NULL) {
@@ -559,7 +592,8 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
     }
     if (c->state == PD_STATE_FAILED)
         return PD_ERR_SSL; /* the caller drains the queue into its exception */
-    ERR_clear_error();
+    if (count == 0)
+        pd_clear_errors(); /* a dropped record may have left a reason behind */
     return count;
 }
 
@@ -605,7 +639,6 @@ int pd_write(pd_conn *c, const char *data, size_t len)
         return PD_ERR_TOO_BIG;
     if (len == 0)
         return 0;
-    ERR_clear_error();
     if (!pd_restore_buffers(c))
         return PD_ERR_NOMEM;
     r = SSL_write_ex(c->ssl, data, len, &written);

@@ -107,3 +107,26 @@ def test_handshake_datagrams_replayed_after_handshake(make_pair: Callable[..., P
 def test_oversized_datagram_is_dropped(pair: Pair) -> None:
     assert pair.server.feed(b"\x17\xfe\xfd" + b"\x00" * 70000) == 0
     assert pair.roundtrip(b"ok") == b"ok"
+
+
+def test_good_record_with_corrupt_neighbour_leaves_queue_clean(pair: Pair) -> None:
+    pair.client.write(b"good")
+    good = pair.client.pull()
+    pair.client.write(b"bad!")
+    bad = bytearray(pair.client.pull() or b"")
+    bad[-1] ^= 0x55
+    assert good is not None
+    assert pair.server.feed(good + bytes(bad)) == 1
+    assert_queue_empty()
+    assert pair.server.read() == b"good" and pair.server.read() is None
+
+
+def test_stale_errors_from_other_code_do_not_break_reads(pair: Pair) -> None:
+    from pydtls_ossl._ffi import ffi, lib
+    lib.d2i_X509(ffi.NULL, ffi.new("const unsigned char **", ffi.new("char[]", b"junk")), 4)
+    assert lib.ERR_peek_error() != 0, "setup: someone else's error is on the queue"
+    pair.client.write(b"despite the junk")
+    assert pair.server.feed(pair.client.pull()) == 1  # type: ignore[arg-type]
+    assert pair.server.read() == b"despite the junk"
+    assert pair.server.read() is None
+    lib.ERR_clear_error()

@@ -1,0 +1,286 @@
+/*
+ * The "C" column of the benchmark: plain libssl doing the same work as the
+ * Python columns, with memory BIOs, in one process.
+ *
+ *   bench_c handshake SECONDS CERT KEY
+ *   bench_c records SECONDS CERT KEY SIZE
+ *   bench_c listen SECONDS CERT KEY
+ *   bench_c memory COUNT CERT KEY
+ *   bench_c threads SECONDS CERT KEY NTHREADS
+ *
+ * Each prints one line "rate=<per second>" (or "bytes=<per association>").
+ * Profile: DTLS 1.2, ECDHE-ECDSA-AES128-GCM-SHA256, groups X25519:P-256,
+ * MTU 1200, the client verifies the server's P-256 certificate as its trust
+ * anchor, session tickets on, server session cache off.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+
+#define MTU 1200
+
+static SSL_CTX *server_ctx, *client_ctx;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "bench_c: %s\n", what);
+    ERR_print_errors_fp(stderr);
+    exit(1);
+}
+
+static SSL_CTX *make_ctx(const char *cert, const char *key)
+{
+    SSL_CTX *ctx = SSL_CTX_new(DTLS_method());
+    if (ctx == NULL)
+        die("SSL_CTX_new");
+    SSL_CTX_set_min_proto_version(ctx, DTLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_QUERY_MTU
+                        | SSL_OP_NO_COMPRESSION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    if (!SSL_CTX_set_cipher_list(ctx, "ECDHE-ECDSA-AES128-GCM-SHA256")
+            || !SSL_CTX_set1_groups_list(ctx, "X25519:P-256"))
+        die("cipher/groups");
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    if (key != NULL) {
+        if (SSL_CTX_use_certificate_file(ctx, cert, SSL_FILETYPE_PEM) != 1
+                || SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1)
+            die("certificate");
+    } else {
+        if (SSL_CTX_load_verify_locations(ctx, cert, NULL) != 1)
+            die("trust anchor");
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    }
+    return ctx;
+}
+
+/* Memory BIOs merge datagrams; DTLS reads the run as one packet of records,
+ * which is what a plain memory-BIO loop does. */
+typedef struct {
+    SSL *ssl;
+    BIO *in, *out;
+} end_t;
+
+static void end_init(end_t *e, SSL_CTX *ctx, int server)
+{
+    e->ssl = SSL_new(ctx);
+    e->in = BIO_new(BIO_s_mem());
+    e->out = BIO_new(BIO_s_mem());
+    if (e->ssl == NULL || e->in == NULL || e->out == NULL)
+        die("SSL_new");
+    BIO_set_mem_eof_return(e->in, -1);
+    BIO_set_mem_eof_return(e->out, -1);
+    SSL_set_bio(e->ssl, e->in, e->out);
+    SSL_set_mtu(e->ssl, MTU);
+    if (server)
+        SSL_set_accept_state(e->ssl);
+    else
+        SSL_set_connect_state(e->ssl);
+}
+
+static int move(end_t *from, end_t *to)
+{
+    char buf[16384];
+    int moved = 0, n;
+    while ((n = BIO_read(from->out, buf, sizeof(buf))) > 0) {
+        BIO_write(to->in, buf, n);
+        moved += n;
+    }
+    return moved;
+}
+
+static void handshake(end_t *c, end_t *s)
+{
+    int rounds;
+    for (rounds = 0; rounds < 50; rounds++) {
+        int cd = SSL_do_handshake(c->ssl);
+        move(c, s);
+        int sd = SSL_do_handshake(s->ssl);
+        move(s, c);
+        if (cd == 1 && sd == 1)
+            return;
+    }
+    die("handshake did not finish");
+}
+
+typedef struct {
+    double seconds;
+    long count;
+} work_t;
+
+static void *handshake_loop(void *arg)
+{
+    work_t *w = arg;
+    double end = now() + w->seconds;
+    w->count = 0;
+    while (now() < end) {
+        int i;
+        for (i = 0; i < 20; i++) {
+            end_t c, s;
+            end_init(&c, client_ctx, 0);
+            end_init(&s, server_ctx, 1);
+            handshake(&c, &s);
+            SSL_free(c.ssl);
+            SSL_free(s.ssl);
+            w->count++;
+        }
+    }
+    return NULL;
+}
+
+static void records(double seconds, size_t size)
+{
+    end_t c, s;
+    char *data = malloc(size), out[16384];
+    long count = 0;
+    double start, end;
+    memset(data, 'x', size);
+    end_init(&c, client_ctx, 0);
+    end_init(&s, server_ctx, 1);
+    handshake(&c, &s);
+    start = now();
+    end = start + seconds;
+    while (now() < end) {
+        int i;
+        for (i = 0; i < 1000; i++) {
+            char dgram[2048];
+            int n;
+            if (SSL_write(c.ssl, data, (int)size) != (int)size)
+                die("SSL_write");
+            n = BIO_read(c.out, dgram, sizeof(dgram));
+            BIO_write(s.in, dgram, n);
+            if (SSL_read(s.ssl, out, sizeof(out)) != (int)size)
+                die("SSL_read");
+        }
+        count += 1000;
+    }
+    printf("rate=%.1f\n", count / (now() - start));
+    free(data);
+}
+
+static int cookie_gen(SSL *ssl, unsigned char *cookie, unsigned int *len)
+{
+    (void)ssl;
+    memcpy(cookie, "0123456789abcdef0123456789abcdef", 32);
+    *len = 32;
+    return 1;
+}
+
+static int cookie_verify(SSL *ssl, const unsigned char *cookie, unsigned int len)
+{
+    (void)ssl;
+    return len == 32 && memcmp(cookie, "0123456789abcdef0123456789abcdef", 32) == 0;
+}
+
+static void listen_loop(double seconds)
+{
+    end_t c, s;
+    unsigned char hello[2048];
+    int hello_len;
+    long count = 0;
+    double start, end;
+    BIO_ADDR *peer = BIO_ADDR_new();
+    SSL_CTX_set_cookie_generate_cb(server_ctx, cookie_gen);
+    SSL_CTX_set_cookie_verify_cb(server_ctx, cookie_verify);
+    end_init(&c, client_ctx, 0);
+    SSL_do_handshake(c.ssl);
+    hello_len = BIO_read(c.out, hello, sizeof(hello));
+    end_init(&s, server_ctx, 1);
+    SSL_set_options(s.ssl, SSL_OP_COOKIE_EXCHANGE);
+    start = now();
+    end = start + seconds;
+    while (now() < end) {
+        int i;
+        for (i = 0; i < 1000; i++) {
+            char reply[512];
+            BIO_write(s.in, hello, hello_len);
+            if (DTLSv1_listen(s.ssl, peer) != 0)
+                die("DTLSv1_listen accepted a cookieless hello");
+            if (BIO_read(s.out, reply, sizeof(reply)) <= 0)
+                die("no HelloVerifyRequest");
+        }
+        count += 1000;
+    }
+    printf("rate=%.1f\n", count / (now() - start));
+}
+
+static long rss_bytes(void)
+{
+    long pages = 0, resident = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f == NULL || fscanf(f, "%ld %ld", &pages, &resident) != 2)
+        die("statm");
+    fclose(f);
+    return resident * 4096;
+}
+
+static void memory(long count)
+{
+    end_t *c = calloc((size_t)count, sizeof(end_t));
+    end_t *s = calloc((size_t)count, sizeof(end_t));
+    long i, before;
+    char buf[64];
+    before = rss_bytes();
+    for (i = 0; i < count; i++) {
+        end_init(&c[i], client_ctx, 0);
+        end_init(&s[i], server_ctx, 1);
+        handshake(&c[i], &s[i]);
+        SSL_write(c[i].ssl, "ping", 4);
+        move(&c[i], &s[i]);
+        SSL_read(s[i].ssl, buf, sizeof(buf));
+        SSL_write(s[i].ssl, "pong", 4);
+        move(&s[i], &c[i]);
+        SSL_read(c[i].ssl, buf, sizeof(buf));
+        SSL_free(c[i].ssl); /* keep only the server side, as a server would */
+    }
+    printf("bytes=%.1f\n", (double)(rss_bytes() - before) / (double)count);
+}
+
+int main(int argc, char **argv)
+{
+    double seconds;
+    if (argc < 5) {
+        fprintf(stderr, "usage: bench_c MODE SECONDS CERT KEY [ARG]\n");
+        return 2;
+    }
+    seconds = atof(argv[2]);
+    server_ctx = make_ctx(argv[3], argv[4]);
+    client_ctx = make_ctx(argv[3], NULL);
+    if (strcmp(argv[1], "handshake") == 0 || strcmp(argv[1], "threads") == 0) {
+        int n = argc > 5 ? atoi(argv[5]) : 1, i;
+        pthread_t tid[16];
+        work_t work[16];
+        double start = now();
+        long total = 0;
+        if (n < 1 || n > 16)
+            die("threads");
+        for (i = 0; i < n; i++) {
+            work[i].seconds = seconds;
+            pthread_create(&tid[i], NULL, handshake_loop, &work[i]);
+        }
+        for (i = 0; i < n; i++) {
+            pthread_join(tid[i], NULL);
+            total += work[i].count;
+        }
+        printf("rate=%.1f\n", total / (now() - start));
+    } else if (strcmp(argv[1], "records") == 0) {
+        records(seconds, (size_t)atoi(argv[5]));
+    } else if (strcmp(argv[1], "listen") == 0) {
+        listen_loop(seconds);
+    } else if (strcmp(argv[1], "memory") == 0) {
+        memory((long)seconds);
+    } else {
+        die("unknown mode");
+    }
+    return 0;
+}
