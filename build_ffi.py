@@ -173,6 +173,15 @@ const char *SSL_alert_desc_string_long(int);
 #define SSL_ERROR_SYSCALL ...
 """
 
+SRTP = """
+typedef struct {
+    const char *name;
+    unsigned long id;
+} SRTP_PROTECTION_PROFILE;
+int SSL_CTX_set_tlsext_use_srtp(SSL_CTX *, const char *);
+SRTP_PROTECTION_PROFILE *SSL_get_selected_srtp_profile(SSL *);
+"""
+
 ENGINE = """
 #define PD_STATE_NEW ...
 #define PD_STATE_HANDSHAKING ...
@@ -196,6 +205,8 @@ typedef struct pd_conn {
     int alert_sent;
     int pin_mismatch;
     int buffers_released;
+    int require_srtp;
+    int srtp_refused;
     unsigned int mtu;
     size_t max_plaintext;
     const char *data;
@@ -210,6 +221,7 @@ pd_conn *pd_conn_new(SSL_CTX *, int, unsigned int, unsigned int, unsigned int);
 void pd_conn_free(pd_conn *);
 int pd_add_pin(pd_conn *, const EVP_MD *, const unsigned char *, unsigned int);
 void pd_verify_peer(pd_conn *, int);
+void pd_ctx_require_srtp(SSL_CTX *);
 int pd_handshake(pd_conn *);
 int pd_feed(pd_conn *, const unsigned char *, size_t);
 long pd_pull(pd_conn *);
@@ -223,7 +235,7 @@ int pd_release_buffers(pd_conn *);
 
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
-           "openssl/ec.h", "openssl/crypto.h", "time.h")
+           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "time.h")
 
 
 def _source() -> str:
@@ -239,7 +251,7 @@ def _source() -> str:
 ffi = FFI()
 ffi.cdef("struct tm { int tm_sec; int tm_min; int tm_hour; int tm_mday; "
          "int tm_mon; int tm_year; ...; };\n"
-         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + ENGINE)
+         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + SRTP + ENGINE)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

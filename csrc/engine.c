@@ -12,6 +12,8 @@
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 #include <openssl/crypto.h>
+#include <openssl/srtp.h>
+#include <openssl/tls1.h>
 
 #define PD_STATE_NEW 0
 #define PD_STATE_HANDSHAKING 1
@@ -52,6 +54,8 @@ typedef struct pd_conn {
     int pin_mismatch;
     int accept_any_certificate;
     int buffers_released;
+    int require_srtp;
+    int srtp_refused;
     unsigned int mtu;
     unsigned int rto_initial_us;
     unsigned int rto_max_us;
@@ -286,6 +290,39 @@ static int pd_verify_cb(int preverify_ok, X509_STORE_CTX *store)
     return 0;
 }
 
+/* A server that requires DTLS-SRTP refuses, inside the handshake and with
+ * handshake_failure, a ClientHello offering no profile it supports. */
+static int pd_srtp_hello_cb(SSL *s, int *al, void *arg)
+{
+    STACK_OF(SRTP_PROTECTION_PROFILE) *ours = SSL_get_srtp_profiles(s);
+    const unsigned char *ext;
+    size_t len, list, i;
+    int j;
+    pd_conn *c;
+    (void)arg;
+    if (ours != NULL
+            && SSL_client_hello_get0_ext(s, TLSEXT_TYPE_use_srtp, &ext, &len) == 1
+            && len >= 2) {
+        list = ((size_t)ext[0] << 8) | ext[1];
+        for (i = 0; list + 2 <= len && i + 1 < list; i += 2) {
+            unsigned long id = ((unsigned long)ext[2 + i] << 8) | ext[3 + i];
+            for (j = 0; j < sk_SRTP_PROTECTION_PROFILE_num(ours); j++)
+                if (sk_SRTP_PROTECTION_PROFILE_value(ours, j)->id == id)
+                    return SSL_CLIENT_HELLO_SUCCESS;
+        }
+    }
+    c = pd_from_ssl(s);
+    if (c != NULL)
+        c->srtp_refused = 1;
+    *al = SSL_AD_HANDSHAKE_FAILURE;
+    return SSL_CLIENT_HELLO_ERROR;
+}
+
+void pd_ctx_require_srtp(SSL_CTX *ctx)
+{
+    SSL_CTX_set_client_hello_cb(ctx, pd_srtp_hello_cb, NULL);
+}
+
 /* --------------------------------------------------------- life cycle */
 
 int pd_init(void)
@@ -481,6 +518,13 @@ static int pd_handshake_step(pd_conn *c)
     c->state = PD_STATE_HANDSHAKING;
     r = SSL_do_handshake(c->ssl);
     if (r == 1) {
+        if (c->require_srtp && SSL_get_selected_srtp_profile(c->ssl) == NULL) {
+            c->srtp_refused = 1; /* the server ignored our use_srtp offer */
+            c->ssl_error = SSL_ERROR_SSL;
+            c->state = PD_STATE_FAILED;
+            SSL_shutdown(c->ssl);
+            return PD_ERR_SSL;
+        }
         c->state = PD_STATE_ESTABLISHED;
         c->max_plaintext = DTLS_get_data_mtu(c->ssl);
         if (c->max_plaintext > PD_MAX_PLAINTEXT)

@@ -14,6 +14,7 @@ from .certs import (Certificate, certificate_fingerprint, fingerprints_equal, fo
                     generate_certificate, parse_fingerprint)
 from .context import DEFAULT_CIPHERS, DEFAULT_GROUPS, DtlsContext, Verify
 from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
+from .srtp import SrtpKeys, SrtpProfile
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,8 @@ __all__ = [
     "Alert", "AlertDescription", "AlertReceived", "CONTINUE", "Certificate", "CertificateError",
     "ConfigurationError", "ConnectionClosed", "ConnectionState", "DEFAULT_CIPHERS",
     "DEFAULT_GROUPS", "Dtls", "DtlsContext", "DtlsError", "FINISHED", "FingerprintMismatch",
-    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "Verify",
+    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "SrtpKeys",
+    "SrtpProfile", "Verify",
     "certificate_fingerprint", "fingerprints_equal", "format_fingerprint",
     "generate_certificate", "openssl_version", "parse_fingerprint",
 ]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ._errors import ConfigurationError, InternalError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from .certs import (CertificateSource, format_fingerprint, load_certificates,
                     load_private_key, x509_digest)
+from .srtp import SrtpProfile
 
 __all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DtlsContext", "Verify"]
 
@@ -78,6 +79,9 @@ class DtlsContext:
     ``cert`` may carry the chain after the leaf). ``mtu`` is the largest UDP
     payload an engine's ``pull()`` may return. ``initial_rto``/``max_rto`` set
     the retransmission timer (seconds; doubled per timeout, RFC 6347 §4.2.4).
+    ``srtp_profiles`` offers (client) or accepts (server) DTLS-SRTP profiles
+    in order of preference; with ``srtp_required`` (the default once profiles
+    are given) a handshake without a common profile fails.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class DtlsContext:
         mtu: int = 1200,
         initial_rto: float = 1.0,
         max_rto: float = 60.0,
+        srtp_profiles: Sequence[SrtpProfile | str] | None = None,
+        srtp_required: bool = True,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
@@ -108,6 +114,10 @@ class DtlsContext:
         if self.verify is Verify.CA and not has_ca:
             raise ConfigurationError("Verify.CA needs cafile= or cadata=")
         self._fingerprints: dict[str, str] = {}
+        self.srtp_profiles = tuple(SrtpProfile.parse(p) for p in srtp_profiles or ())
+        if srtp_profiles is not None and not self.srtp_profiles:
+            raise ValueError("srtp_profiles must not be empty; pass None for no DTLS-SRTP")
+        self.srtp_required = bool(self.srtp_profiles) and srtp_required
 
         ctx = check_ptr(lib.SSL_CTX_new(lib.DTLS_method()), InternalError, "SSL_CTX_new")
         self._ctx = ffi.gc(ctx, lib.SSL_CTX_free)
@@ -117,6 +127,8 @@ class DtlsContext:
                 self._load_identity(cert, key, password)
             if has_ca:
                 self._load_cas(cafile, cadata)
+            if self.srtp_profiles:
+                self._configure_srtp()
         finally:
             drain_errors()
 
@@ -138,6 +150,13 @@ class DtlsContext:
         if self.verify is Verify.CA:
             mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
         lib.SSL_CTX_set_verify(ctx, mode, ffi.NULL)
+
+    def _configure_srtp(self) -> None:
+        names = ":".join(p.openssl_name for p in self.srtp_profiles)
+        if lib.SSL_CTX_set_tlsext_use_srtp(self._ctx, names.encode()) != 0:  # 0 is success
+            raise ConfigurationError(f"libssl refused SRTP profiles {names}", drain_errors())
+        if self.srtp_required:
+            lib.pd_ctx_require_srtp(self._ctx)
 
     def _load_identity(self, cert: CertificateSource, key: CertificateSource,
                        password: bytes | None) -> None:

@@ -19,6 +19,7 @@ from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
                     x509_digest, x509_to_der)
 from .context import DtlsContext, Verify, _seconds_to_us, check_mtu
+from .srtp import SRTP_EXPORTER_LABEL, SrtpKeys, SrtpProfile, split_srtp_keying_material
 
 __all__ = ["CONTINUE", "FINISHED", "ConnectionState", "Dtls", "HandshakeStatus"]
 
@@ -110,6 +111,7 @@ class Dtls:
                                max(rto, context.max_rto_us))
         self._conn = ffi.gc(check_ptr(conn, ConfigurationError, "cannot create the association"),
                             lib.pd_conn_free)
+        conn.require_srtp = int(context.srtp_required)
         if mode is Verify.FINGERPRINT:
             for algorithm, digest in pins:
                 check(lib.pd_add_pin(conn, digest_for(algorithm), digest, len(digest)),
@@ -331,6 +333,24 @@ class Dtls:
         check(ok, InternalError, "SSL_export_keying_material failed")
         return bytes(ffi.buffer(out, length))
 
+    def selected_srtp_profile(self) -> SrtpProfile | None:
+        """The DTLS-SRTP profile the handshake agreed on, or None."""
+        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
+            return None
+        profile = lib.SSL_get_selected_srtp_profile(self._conn.ssl)
+        if profile == ffi.NULL:
+            return None
+        return SrtpProfile.by_openssl_name(ffi.string(profile.name).decode())
+
+    def srtp_keys(self) -> SrtpKeys:
+        """SRTP master keys and salts for the agreed profile (RFC 5764 §4.2)."""
+        profile = self.selected_srtp_profile()
+        if profile is None:
+            self._established_ssl()
+            raise ValueError("no DTLS-SRTP profile was negotiated")
+        material = self.export_keys(SRTP_EXPORTER_LABEL, profile.keying_material_length)
+        return split_srtp_keying_material(profile, material, self.is_server)
+
     def get_fingerprint(self, algorithm: str = "sha-256") -> str | None:
         """RFC 8122 fingerprint of our own certificate, or None without one."""
         return self._context.fingerprint(algorithm)
@@ -390,6 +410,8 @@ class Dtls:
     @staticmethod
     def _handshake_error(conn: Any, reasons: tuple[str, ...], received: Alert | None,
                          sent: Alert | None) -> HandshakeError:
+        if conn.srtp_refused:
+            return HandshakeError("no DTLS-SRTP profile in common", reasons, sent or received)
         if conn.pin_mismatch:
             return FingerprintMismatch("peer certificate does not match the pinned fingerprint",
                                        reasons, sent, lib.X509_V_ERR_CERT_REJECTED)

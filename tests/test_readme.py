@@ -24,3 +24,13 @@ def test_readme_starts_with_the_two_commands() -> None:
     commands = re.findall(r"```\n(.*?)\n```", README.read_text(), flags=re.S)[:2]
     assert commands[0].endswith("python -m pydtls_ossl demo")
     assert "pytest" in commands[1]
+
+
+def test_readme_webrtc_snippet_runs() -> None:
+    webrtc = python_blocks()[2]
+    assert "srtp_keys" in webrtc and "classify" in webrtc
+    namespace: dict[str, object] = {}
+    exec(compile(webrtc, "README.md", "exec"), namespace)
+    on_datagram = namespace["on_datagram"]
+    for datagram in (b"\x00\x01" + bytes(18), b"\x80\x60" + bytes(10), b"\x16\xfe\xff" + bytes(10)):
+        on_datagram(datagram)  # type: ignore[operator]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pydtls_ossl import (AlertDescription, CertificateError, ConfigurationError, ConnectionState,
-                         Dtls, DtlsContext, FingerprintMismatch, HandshakeError, Verify,
+                         Dtls, DtlsError, DtlsContext, FingerprintMismatch, HandshakeError, Verify,
                          generate_certificate)
 
 from .helpers import Pair
@@ -27,7 +27,7 @@ def run_to_failure(p: Pair) -> tuple[BaseException | None, BaseException | None]
                 continue
             try:
                 engine.handshake()
-            except HandshakeError as exc:
+            except DtlsError as exc:
                 errors[name] = exc
         if len(errors) == 2 or (p.client.is_handshake_finished() and p.server.is_handshake_finished()):
             break
