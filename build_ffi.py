@@ -194,6 +194,10 @@ ENGINE = """
 #define PD_ERR_STATE ...
 #define PD_ERR_NOMEM ...
 #define PD_ERR_OVERSIZE ...
+#define PD_NEW_HELLO ...
+#define PD_HVR_LEN ...
+#define PD_HELLO_VALID ...
+#define PD_HELLO_DROP ...
 #define PD_MAX_PINS ...
 #define PD_MAX_PLAINTEXT ...
 typedef struct pd_conn {
@@ -213,8 +217,17 @@ typedef struct pd_conn {
     size_t plain_count;
     size_t plain_limit;
     unsigned long long plain_dropped;
+    size_t out_len;
     ...;
 } pd_conn;
+typedef struct { ...; } pd_cookie_keys;
+void pd_cookie_keys_set(pd_cookie_keys *, const unsigned char *, size_t,
+                        const unsigned char *, size_t);
+int pd_cookie_hello(const pd_cookie_keys *, const unsigned char *, size_t,
+                    const unsigned char *, size_t, unsigned char *);
+void pd_ctx_enable_cookies(SSL_CTX *);
+int pd_accept_hello(pd_conn *, const unsigned char *, size_t);
+void pd_set_cookie_peer(pd_conn *, const pd_cookie_keys *, const unsigned char *, size_t);
 int pd_init(void);
 pd_conn *pd_dead_conn(void);
 pd_conn *pd_conn_new(SSL_CTX *, int, unsigned int, unsigned int, unsigned int);
@@ -235,7 +248,7 @@ int pd_release_buffers(pd_conn *);
 
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
-           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "time.h")
+           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h", "time.h")
 
 
 def _source() -> str:
@@ -245,7 +258,9 @@ def _source() -> str:
         '#error "pydtls_ossl needs OpenSSL 3.0 or newer"\n'
         "#endif\n"
     )
-    return includes + guard + (HERE / "csrc" / "engine.c").read_text()
+    sources = "".join((HERE / "csrc" / name).read_text() for name in ("cookie.c", "engine.c"))
+    # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
+    return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 
 
 ffi = FFI()

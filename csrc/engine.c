@@ -27,6 +27,7 @@
 #define PD_ERR_STATE -3
 #define PD_ERR_NOMEM -4
 #define PD_ERR_OVERSIZE -5
+#define PD_NEW_HELLO -6
 
 #define PD_RECORD_HEADER 13
 #define PD_MAX_PLAINTEXT 16384
@@ -77,6 +78,10 @@ typedef struct pd_conn {
     pd_node *taken;
     int npins;
     pd_pin *pins;
+    /* single-engine cookie exchange: borrowed keys and the peer's address */
+    const pd_cookie_keys *cookies;
+    unsigned char peer[64];
+    size_t peer_len;
 } pd_conn;
 
 static BIO_METHOD *pd_bio_method = NULL;
@@ -117,15 +122,9 @@ static void pd_nodes_free(pd_node *n)
 
 /* ---------------------------------------------------------------- BIO */
 
-static int pd_bio_write(BIO *b, const char *in, int inl)
+static int pd_out_append(pd_conn *c, const void *in, size_t len)
 {
-    pd_conn *c = BIO_get_data(b);
-    size_t need;
-
-    BIO_clear_retry_flags(b);
-    if (c == NULL || inl <= 0)
-        return 0;
-    need = c->out_len + (size_t)inl;
+    size_t need = c->out_len + len;
     if (c->out_off + need > c->out_cap) {
         if (c->out_off != 0) {
             memmove(c->out, c->out + c->out_off, c->out_len);
@@ -138,14 +137,23 @@ static int pd_bio_write(BIO *b, const char *in, int inl)
                 cap *= 2;
             p = realloc(c->out, cap);
             if (p == NULL)
-                return -1;
+                return 0;
             c->out = p;
             c->out_cap = cap;
         }
     }
-    memcpy(c->out + c->out_off + c->out_len, in, (size_t)inl);
-    c->out_len += (size_t)inl;
-    return inl;
+    memcpy(c->out + c->out_off + c->out_len, in, len);
+    c->out_len += len;
+    return 1;
+}
+
+static int pd_bio_write(BIO *b, const char *in, int inl)
+{
+    pd_conn *c = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (c == NULL || inl <= 0)
+        return 0;
+    return pd_out_append(c, in, (size_t)inl) ? inl : -1;
 }
 
 static int pd_bio_read(BIO *b, char *out, int outl)
@@ -602,6 +610,71 @@ static int pd_plausible(const unsigned char *d, size_t n)
     return 1;
 }
 
+/* Start the handshake of a server engine from a ClientHello whose cookie was
+ * verified statelessly. DTLSv1_listen sets the sequence numbers OpenSSL needs
+ * to accept a second ClientHello (message_seq 1) on a fresh SSL. */
+int pd_accept_hello(pd_conn *c, const unsigned char *data, size_t len)
+{
+    BIO_ADDR *client;
+    int r;
+    if (c->state != PD_STATE_NEW || !c->is_server)
+        return PD_ERR_STATE;
+    client = BIO_ADDR_new();
+    if (client == NULL)
+        return PD_ERR_NOMEM;
+    ERR_clear_error();
+    c->in_ptr = data;
+    c->in_len = len;
+    /* OpenSSL checks the cookie in DTLSv1_listen and again when the handshake
+     * processes the buffered ClientHello: both times it is the one we checked. */
+    pd_listen_cookie_ok = 1;
+    r = DTLSv1_listen(c->ssl, client);
+    c->in_ptr = NULL;
+    BIO_ADDR_free(client);
+    if (r != 1) {
+        pd_listen_cookie_ok = 0;
+        c->ssl_error = SSL_ERROR_SSL;
+        c->state = PD_STATE_FAILED;
+        return PD_ERR_SSL;
+    }
+    SSL_set_mtu(c->ssl, c->mtu); /* DTLSv1_listen forgets it */
+    r = pd_handshake_step(c);
+    pd_listen_cookie_ok = 0;
+    if (r < 0)
+        return PD_ERR_SSL;
+    if (c->state == PD_STATE_ESTABLISHED)
+        pd_read_records(c);
+    return 0;
+}
+
+void pd_set_cookie_peer(pd_conn *c, const pd_cookie_keys *keys, const unsigned char *addr,
+                        size_t len)
+{
+    c->cookies = keys;
+    c->peer_len = len < sizeof(c->peer) ? len : sizeof(c->peer);
+    memcpy(c->peer, addr, c->peer_len);
+}
+
+/* Cookie mode before the handshake: answer a cookieless ClientHello with a
+ * HelloVerifyRequest and allocate nothing; accept one with a valid cookie. */
+static int pd_feed_cookie(pd_conn *c, const unsigned char *data, size_t len)
+{
+    unsigned char hvr[PD_HVR_LEN];
+    int r = pd_cookie_hello(c->cookies, c->peer, c->peer_len, data, len, hvr);
+    if (r > 0)
+        return pd_out_append(c, hvr, (size_t)r) ? 0 : PD_ERR_NOMEM;
+    if (r == PD_HELLO_DROP)
+        return 0;
+    return pd_accept_hello(c, data, len) < 0 ? PD_ERR_SSL : 0;
+}
+
+/* The ClientHello of a peer that lost its state (RFC 6347 §4.2.8), arriving
+ * at an established association: OpenSSL would drop it; the caller decides. */
+static int pd_is_new_hello(const unsigned char *d, size_t n)
+{
+    return n > 25 && d[0] == 22 && d[3] == 0 && d[4] == 0 && d[13] == 1;
+}
+
 /* Takes one UDP payload; returns how many plaintext records became readable,
  * or PD_ERR_SSL when this datagram ended the association. */
 int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
@@ -611,6 +684,10 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         return 0;
     if (c->state == PD_STATE_NEW && !c->is_server)
         return 0; /* a client that has not said hello expects nothing */
+    if (c->state == PD_STATE_ESTABLISHED && pd_is_new_hello(data, len))
+        return PD_NEW_HELLO;
+    if (c->state == PD_STATE_NEW && c->cookies != NULL)
+        return pd_feed_cookie(c, data, len);
     if (c->state != PD_STATE_ESTABLISHED && !pd_plausible(data, len))
         return 0;
     if (!pd_restore_buffers(c))

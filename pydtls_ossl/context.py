@@ -9,8 +9,11 @@ peer verification that the caller chooses explicitly (see ``Verify``).
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import os
-from typing import Any, Iterable, Sequence
+import time
+from typing import Any, Callable, Iterable, Sequence
 
 from ._errors import ConfigurationError, InternalError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
@@ -18,7 +21,8 @@ from .certs import (CertificateSource, format_fingerprint, load_certificates,
                     load_private_key, x509_digest)
 from .srtp import SrtpProfile
 
-__all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DtlsContext", "Verify"]
+__all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "CookieSecret", "DtlsContext", "Verify",
+           "address_bytes"]
 
 #: ECDHE key exchange with AEAD ciphers only, ECDSA first (what WebRTC uses).
 DEFAULT_CIPHERS = ":".join((
@@ -65,6 +69,53 @@ def _seconds_to_us(seconds: float, what: str) -> int:
     return int(seconds * 1_000_000)
 
 
+def address_bytes(address: Any) -> bytes:
+    """The bytes a cookie binds for a peer address: host and port of a socket
+    address tuple (IPv4 or IPv6), or the bytes/str an application uses."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}\x00{address[1]}".encode()
+    if isinstance(address, bytes):
+        return address
+    if isinstance(address, str):
+        return address.encode()
+    raise TypeError(f"cannot use {type(address).__name__} as a peer address")
+
+
+class CookieSecret:
+    """The rotating secret behind stateless cookies (RFC 6347 §4.2.1).
+
+    The secret of each ``period`` is derived from one base secret and the
+    wall-clock period number, so every process given the same base secret
+    issues and accepts the same cookies without talking to the others.
+    Cookies of the current and the previous period are accepted.
+    """
+
+    def __init__(self, secret: bytes | None = None, *, period: float = 30.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        if secret is not None and len(secret) < 16:
+            raise ValueError("a cookie secret needs at least 16 bytes")
+        if period <= 0:
+            raise ValueError("period must be positive")
+        self._base = secret if secret is not None else os.urandom(32)
+        self.period = period
+        self._clock = clock
+        self._keys = ffi.new("pd_cookie_keys *")
+        self._next_rotation = float("-inf")
+
+    def _derive(self, index: int) -> bytes:
+        return hmac.new(self._base, b"pydtls_ossl cookie %d" % index, hashlib.sha256).digest()
+
+    def keys(self) -> Any:
+        """The C key pair for now (current and previous period), refreshed as time passes."""
+        now = self._clock()
+        if now >= self._next_rotation:
+            index = int(now // self.period)
+            current, previous = self._derive(index), self._derive(index - 1)
+            lib.pd_cookie_keys_set(self._keys, current, len(current), previous, len(previous))
+            self._next_rotation = (index + 1) * self.period
+        return self._keys
+
+
 def check_mtu(mtu: int) -> int:
     """Validate a datagram MTU (the UDP payload size, not the link MTU)."""
     if not isinstance(mtu, int) or not _MIN_MTU <= mtu <= _MAX_MTU:
@@ -81,7 +132,9 @@ class DtlsContext:
     the retransmission timer (seconds; doubled per timeout, RFC 6347 §4.2.4).
     ``srtp_profiles`` offers (client) or accepts (server) DTLS-SRTP profiles
     in order of preference; with ``srtp_required`` (the default once profiles
-    are given) a handshake without a common profile fails.
+    are given) a handshake without a common profile fails. ``cookie_secret``
+    (bytes or a ``CookieSecret``) is shared by servers that must accept each
+    other's cookies; by default each context has its own random one.
     """
 
     def __init__(
@@ -100,6 +153,7 @@ class DtlsContext:
         max_rto: float = 60.0,
         srtp_profiles: Sequence[SrtpProfile | str] | None = None,
         srtp_required: bool = True,
+        cookie_secret: bytes | CookieSecret | None = None,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
@@ -118,6 +172,8 @@ class DtlsContext:
         if srtp_profiles is not None and not self.srtp_profiles:
             raise ValueError("srtp_profiles must not be empty; pass None for no DTLS-SRTP")
         self.srtp_required = bool(self.srtp_profiles) and srtp_required
+        self.cookies = (cookie_secret if isinstance(cookie_secret, CookieSecret)
+                        else CookieSecret(cookie_secret))
 
         ctx = check_ptr(lib.SSL_CTX_new(lib.DTLS_method()), InternalError, "SSL_CTX_new")
         self._ctx = ffi.gc(ctx, lib.SSL_CTX_free)
@@ -146,6 +202,7 @@ class DtlsContext:
               f"bad groups list {groups!r}")
         # Stateless resumption (tickets) needs no server cache; memory stays flat.
         lib.SSL_CTX_set_session_cache_mode(ctx, lib.SSL_SESS_CACHE_OFF)
+        lib.pd_ctx_enable_cookies(ctx)
         mode = lib.SSL_VERIFY_NONE
         if self.verify is Verify.CA:
             mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT

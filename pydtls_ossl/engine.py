@@ -18,7 +18,7 @@ from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
                     x509_digest, x509_to_der)
-from .context import DtlsContext, Verify, _seconds_to_us, check_mtu
+from .context import DtlsContext, Verify, _seconds_to_us, address_bytes, check_mtu
 from .srtp import SRTP_EXPORTER_LABEL, SrtpKeys, SrtpProfile, split_srtp_keying_material
 
 __all__ = ["CONTINUE", "FINISHED", "ConnectionState", "Dtls", "HandshakeStatus"]
@@ -54,6 +54,7 @@ _pd_read = lib.pd_read
 _unpack = ffi.unpack
 _ESTABLISHED = lib.PD_STATE_ESTABLISHED
 _ERR_TOO_BIG = lib.PD_ERR_TOO_BIG
+_ERR_SSL = lib.PD_ERR_SSL
 _ERR_OVERSIZE = lib.PD_ERR_OVERSIZE
 _CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
 
@@ -76,7 +77,10 @@ class Dtls:
     pass ``context=`` to share one ``DtlsContext`` between many engines.
     ``expected_peer_fingerprint`` (``'AB:CD:…'``, ``'sha-256 AB:…'`` or a list)
     pins the peer's certificate: a mismatch fails the handshake inside it
-    with a bad_certificate alert. Not thread-safe; one thread at a time.
+    with a bad_certificate alert. ``peer_address`` (servers) turns on the
+    stateless cookie exchange for that address: a ClientHello without a valid
+    cookie is answered with a HelloVerifyRequest. Not thread-safe; one thread
+    at a time.
     """
 
     __slots__ = ("_conn", "_context", "_error", "_leftover", "_final_state", "__weakref__")
@@ -93,6 +97,7 @@ class Dtls:
         server_hostname: str | None = None,
         verify: Verify | str | None = None,
         initial_rto: float | None = None,
+        peer_address: Any = None,
     ) -> None:
         self._conn: Any = _DEAD
         self._error: DtlsError | None = None
@@ -112,6 +117,11 @@ class Dtls:
         self._conn = ffi.gc(check_ptr(conn, ConfigurationError, "cannot create the association"),
                             lib.pd_conn_free)
         conn.require_srtp = int(context.srtp_required)
+        if peer_address is not None:
+            if not is_server:
+                raise ValueError("peer_address (cookie exchange) is for servers")
+            peer = address_bytes(peer_address)
+            lib.pd_set_cookie_peer(conn, context.cookies.keys(), peer, len(peer))
         if mode is Verify.FINGERPRINT:
             for algorithm, digest in pins:
                 check(lib.pd_add_pin(conn, digest_for(algorithm), digest, len(digest)),
@@ -142,10 +152,11 @@ class Dtls:
         except TypeError:
             datagram = bytes(datagram)
             n = _pd_feed(self._conn, datagram, len(datagram))
-        if n < 0:
-            self._dead_error()
-            return 0
-        return n
+        if n >= 0:
+            return n
+        if n == _ERR_SSL:
+            self._dead_error()  # drain the queue now; later calls raise it
+        return 0  # e.g. a restarted peer's ClientHello: only a DtlsServer acts on it
 
     def pull(self) -> bytes | None:
         """The next datagram to send (whole records, at most ``mtu`` bytes), or None."""
@@ -366,6 +377,11 @@ class Dtls:
         """The peer's certificate, DER-encoded, or None."""
         x509 = lib.SSL_get0_peer_certificate(self._ssl())
         return None if x509 == ffi.NULL else x509_to_der(x509)
+
+    def _accept_hello(self, hello: bytes) -> None:
+        """Start a server handshake from a ClientHello whose cookie was verified."""
+        if lib.pd_accept_hello(self._conn, hello, len(hello)) < 0:
+            raise self._dead_error()
 
     def release_buffers(self) -> bool:
         """Free the record buffers of an idle established association (~33 KB).

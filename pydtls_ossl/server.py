@@ -1,0 +1,418 @@
+"""``DtlsServer``: many peers on one UDP socket, sans-IO.
+
+``feed(datagram, address)`` in; ``datagrams_to_send()`` out as
+``(bytes, address)``; one timer for all peers (``get_timeout()`` /
+``handle_timeout()``); events out of ``next_event()``. A ClientHello from an
+unknown address without a valid cookie is answered with a
+HelloVerifyRequest by one C call that allocates nothing, so a flood of
+spoofed hellos costs no state. Hard limits bound handshakes, connections,
+time and queued bytes; ``datagrams_to_send()`` serves peers round-robin.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Union
+
+from ._errors import ConnectionClosed as ConnectionClosedError
+from ._errors import DtlsError, LimitExceeded
+from ._ffi import ffi, lib
+from .context import DtlsContext, address_bytes
+from .engine import ConnectionState, Dtls
+
+__all__ = ["ConnectionEstablished", "ConnectionTerminated", "DataReceived", "DtlsServer",
+           "ServerEvent", "ServerStats"]
+
+Address = Hashable
+_pd_feed = lib.pd_feed
+_pd_cookie_hello = lib.pd_cookie_hello
+_unpack = ffi.unpack
+_NEW_HELLO = lib.PD_NEW_HELLO
+_HELLO_VALID = lib.PD_HELLO_VALID
+_ESTABLISHED = lib.PD_STATE_ESTABLISHED
+_FAILED = lib.PD_STATE_FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEstablished:
+    """A handshake finished; ``peer_fingerprint`` is None when the peer sent no certificate."""
+
+    address: Address
+    peer_fingerprint: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """One record's plaintext from one peer."""
+
+    address: Address
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """An association ended; its state is gone. ``error`` says why when it failed."""
+
+    address: Address
+    reason: str
+    error: DtlsError | None = None
+
+
+ServerEvent = Union[ConnectionEstablished, DataReceived, ConnectionTerminated]
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Counters for monitoring: what was answered, refused or dropped."""
+
+    hello_verify_requests: int = 0
+    handshakes_started: int = 0
+    handshakes_completed: int = 0
+    handshakes_failed: int = 0
+    refused_by_limit: int = 0
+    dropped: int = 0
+    restarts: int = 0
+
+
+class _Peer:
+    __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
+                 "generation", "dirty", "replacement")
+
+    def __init__(self, address: Address, engine: Dtls, deadline: float) -> None:
+        self.address = address
+        self.engine = engine
+        self.conn = engine._conn
+        self.established = False
+        self.deadline = deadline
+        self.last_seen = 0.0
+        self.generation = 0
+        self.dirty = False
+        self.replacement: Dtls | None = None
+
+
+class DtlsServer:
+    """The server side of many associations sharing one socket.
+
+    Limits: ``max_handshakes`` in progress at once (further valid hellos are
+    dropped, never allocated), ``max_connections`` in all, ``handshake_timeout``
+    seconds for a handshake to finish, ``idle_timeout`` seconds of silence
+    before an association is closed, ``max_queued_bytes`` of unsent data per
+    peer (``send()`` raises ``LimitExceeded`` beyond it). ``clock`` (seconds,
+    monotonic) is injectable for tests; retransmission timers are OpenSSL's.
+    """
+
+    def __init__(self, context: DtlsContext, *, max_handshakes: int = 1024,
+                 max_connections: int = 100_000, handshake_timeout: float = 30.0,
+                 idle_timeout: float = 600.0, max_queued_bytes: int = 256 * 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not context.has_certificate:
+            raise ValueError("a DTLS server context needs cert= and key=")
+        if min(max_handshakes, max_connections, max_queued_bytes) <= 0:
+            raise ValueError("limits must be positive")
+        if handshake_timeout <= 0 or idle_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.context = context
+        self.max_handshakes = max_handshakes
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_queued_bytes = max_queued_bytes
+        self.stats = ServerStats()
+        self._clock = clock
+        self._peers: dict[Address, _Peer] = {}
+        self._handshaking = 0
+        self._events: deque[ServerEvent] = deque()
+        self._stateless: list[tuple[bytes, Address]] = []
+        self._dirty: deque[_Peer] = deque()
+        self._timers: list[tuple[float, int, int, Address]] = []
+        self._timer_seq = 0
+        self._hvr = ffi.new("unsigned char[]", lib.PD_HVR_LEN)
+        self._hvr_chars = ffi.cast("char *", self._hvr)  # unpacks to bytes, not ints
+
+    # ------------------------------------------------------------- input
+
+    def feed(self, datagram: bytes, address: Address) -> None:
+        """Process one datagram received from ``address``. Never raises for its content."""
+        peer = self._peers.get(address)
+        if peer is None:
+            self._feed_stranger(datagram, address)
+            return
+        if peer.replacement is not None:
+            self._feed_replacement(peer, datagram)
+        conn = peer.conn
+        n = _pd_feed(conn, datagram, len(datagram))
+        if n > 0:
+            peer.last_seen = self._clock()
+            engine, events = peer.engine, self._events
+            while (data := engine.read()) is not None:
+                events.append(DataReceived(address, data))
+        elif n == _NEW_HELLO:
+            self._peer_restart(peer, datagram)
+            return
+        if conn.state != _ESTABLISHED:
+            if n < 0 or conn.state > _ESTABLISHED:
+                self._ended_by_peer(peer)
+                return
+            self._after_handshake_step(peer)
+        elif not peer.established:
+            self._after_handshake_step(peer)
+        if peer.conn.out_len and not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+
+    def _cookie_check(self, datagram: bytes, address: Address) -> bool:
+        """True for a hello with a valid cookie; otherwise answer or drop it statelessly."""
+        key = address_bytes(address)  # never cached: strangers cost no state
+        r = _pd_cookie_hello(self.context.cookies.keys(), key, len(key), datagram,
+                             len(datagram), self._hvr)
+        if r > 0:
+            self._stateless.append((_unpack(self._hvr_chars, r), address))
+            self.stats.hello_verify_requests += 1
+            return False
+        if r != _HELLO_VALID:
+            self.stats.dropped += 1
+            return False
+        return True
+
+    def _admit(self) -> bool:
+        if self._handshaking >= self.max_handshakes or len(self._peers) >= self.max_connections:
+            self.stats.refused_by_limit += 1
+            return False
+        return True
+
+    def _new_engine(self, datagram: bytes) -> Dtls | None:
+        engine = Dtls(is_server=True, context=self.context)
+        try:
+            engine._accept_hello(datagram)
+        except DtlsError:
+            self.stats.handshakes_failed += 1
+            return None
+        self.stats.handshakes_started += 1
+        return engine
+
+    def _feed_stranger(self, datagram: bytes, address: Address) -> None:
+        if not self._cookie_check(datagram, address) or not self._admit():
+            return
+        engine = self._new_engine(datagram)
+        if engine is None:
+            return
+        now = self._clock()
+        peer = _Peer(address, engine, now + self.handshake_timeout)
+        peer.last_seen = now
+        self._peers[address] = peer
+        self._handshaking += 1
+        self._after_handshake_step(peer)
+        if peer.conn.out_len:
+            peer.dirty = True
+            self._dirty.append(peer)
+
+    def _ended_by_peer(self, peer: _Peer) -> None:
+        """The last datagram failed the handshake, or carried close_notify or an alert."""
+        if peer.conn.state == _FAILED:
+            error = peer.engine._dead_error()
+            if not peer.established:
+                self.stats.handshakes_failed += 1
+            self._terminate(peer, "failed" if peer.established else "handshake failed",
+                            error if isinstance(error, DtlsError) else None)
+        else:
+            self._terminate(peer, "peer closed")
+
+    def _after_handshake_step(self, peer: _Peer) -> None:
+        if peer.conn.state == lib.PD_STATE_ESTABLISHED:
+            peer.established = True
+            self._handshaking -= 1
+            self.stats.handshakes_completed += 1
+            self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint()))
+            while (data := peer.engine.read()) is not None:
+                self._events.append(DataReceived(peer.address, data))
+        self._arm(peer)
+
+    # ------------------------------------------------ peer restart (§4.2.8)
+
+    def _peer_restart(self, peer: _Peer, datagram: bytes) -> None:
+        """A ClientHello at a live association: only a valid cookie (proof the
+        sender receives at this address) starts a new handshake, and the old
+        association lives on until that handshake completes."""
+        if peer.replacement is not None or not self._cookie_check(datagram, peer.address):
+            return
+        if self._handshaking >= self.max_handshakes:
+            self.stats.refused_by_limit += 1
+            return
+        peer.replacement = self._new_engine(datagram)
+        if peer.replacement is not None:
+            self._handshaking += 1
+            self._queue_replacement_output(peer)
+
+    def _feed_replacement(self, peer: _Peer, datagram: bytes) -> None:
+        replacement = peer.replacement
+        assert replacement is not None
+        replacement.feed(datagram)
+        if replacement.state is ConnectionState.FAILED:
+            peer.replacement = None
+            self._handshaking -= 1
+            self.stats.handshakes_failed += 1
+            return
+        self._queue_replacement_output(peer)
+        if replacement.is_handshake_finished():
+            old = peer.engine
+            self._events.append(ConnectionTerminated(peer.address, "peer restarted"))
+            old.close()
+            peer.engine, peer.conn, peer.replacement = replacement, replacement._conn, None
+            self._handshaking -= 1
+            self.stats.restarts += 1
+            self.stats.handshakes_completed += 1
+            self._events.append(ConnectionEstablished(peer.address, replacement.get_peer_fingerprint()))
+
+    def _queue_replacement_output(self, peer: _Peer) -> None:
+        assert peer.replacement is not None
+        while (datagram := peer.replacement.pull()) is not None:
+            self._stateless.append((datagram, peer.address))
+
+    # ------------------------------------------------------------ output
+
+    def datagrams_to_send(self, limit: int | None = None) -> list[tuple[bytes, Address]]:
+        """Datagrams due now, one per peer per round so no peer starves the others."""
+        out = self._stateless
+        self._stateless = []
+        dirty = self._dirty
+        while dirty and (limit is None or len(out) < limit):
+            peer = dirty.popleft()
+            datagram = peer.engine.pull()
+            if datagram is None:
+                peer.dirty = False
+                continue
+            out.append((datagram, peer.address))
+            dirty.append(peer)
+        return out
+
+    def send(self, address: Address, data: bytes) -> int:
+        """Queue one record to an established peer."""
+        peer = self._peers.get(address)
+        if peer is None or not peer.established:
+            raise ConnectionClosedError(f"no established association with {address!r}")
+        if peer.conn.out_len + len(data) > self.max_queued_bytes:
+            raise LimitExceeded(f"more than {self.max_queued_bytes} bytes queued for {address!r}")
+        n = peer.engine.write(data)
+        if not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+        return n
+
+    def close(self, address: Address) -> None:
+        """Send close_notify to a peer and forget it."""
+        peer = self._peers.get(address)
+        if peer is not None:
+            self._terminate(peer, "closed locally")
+
+    def close_all(self) -> None:
+        for peer in list(self._peers.values()):
+            self._terminate(peer, "server closed")
+
+    # ------------------------------------------------------------ events
+
+    def next_event(self) -> ServerEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def events(self) -> Iterator[ServerEvent]:
+        """Drain the pending events."""
+        while self._events:
+            yield self._events.popleft()
+
+    # ------------------------------------------------------------ timers
+
+    def _arm(self, peer: _Peer) -> None:
+        """One heap entry per peer: its next retransmission, deadline or idle check."""
+        now = self._clock()
+        if peer.established:
+            when = peer.last_seen + self.idle_timeout
+        else:
+            timer = peer.engine.get_timeout()
+            when = peer.deadline if timer is None else min(peer.deadline, now + timer)
+        peer.generation += 1
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, peer.generation, peer.address))
+        if len(self._timers) > 2 * len(self._peers) + 64:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        peers = self._peers
+        self._timers = [t for t in self._timers
+                        if (p := peers.get(t[3])) is not None and p.generation == t[2]]
+        heapq.heapify(self._timers)
+
+    def _live_top(self) -> tuple[float, int, int, Address] | None:
+        timers, peers = self._timers, self._peers
+        while timers:
+            top = timers[0]
+            peer = peers.get(top[3])
+            if peer is not None and peer.generation == top[2]:
+                return top
+            heapq.heappop(timers)
+        return None
+
+    def get_timeout(self) -> float | None:
+        """Seconds until ``handle_timeout()`` is due, or None when no peer needs it."""
+        top = self._live_top()
+        if top is None:
+            return None
+        return max(0.0, top[0] - self._clock())
+
+    def handle_timeout(self) -> None:
+        """Retransmit, expire handshakes past their deadline, close idle peers."""
+        now = self._clock()
+        while (top := self._live_top()) is not None and top[0] <= now:
+            heapq.heappop(self._timers)
+            peer = self._peers[top[3]]
+            if peer.established:
+                if now - peer.last_seen >= self.idle_timeout:
+                    self._terminate(peer, "idle timeout")
+                else:
+                    self._arm(peer)
+                continue
+            if now >= peer.deadline:
+                self.stats.handshakes_failed += 1
+                self._terminate(peer, "handshake timeout")
+                continue
+            try:
+                peer.engine.handle_timeout()
+            except DtlsError as exc:
+                self.stats.handshakes_failed += 1
+                self._terminate(peer, "handshake failed", exc)
+                continue
+            if peer.conn.out_len and not peer.dirty:
+                peer.dirty = True
+                self._dirty.append(peer)
+            self._arm(peer)
+
+    # ------------------------------------------------------------- state
+
+    def _terminate(self, peer: _Peer, reason: str, error: DtlsError | None = None) -> None:
+        del self._peers[peer.address]
+        if not peer.established:
+            self._handshaking -= 1
+        if peer.replacement is not None:
+            self._handshaking -= 1
+            peer.replacement.close()
+        peer.engine.close()
+        while (datagram := peer.engine.pull()) is not None:  # close_notify or an alert
+            self._stateless.append((datagram, peer.address))
+        peer.generation += 1
+        self._events.append(ConnectionTerminated(peer.address, reason, error))
+
+    def connection(self, address: Address) -> Dtls | None:
+        """The engine of one peer, for introspection (cipher, fingerprints, keys)."""
+        peer = self._peers.get(address)
+        return peer.engine if peer is not None else None
+
+    @property
+    def handshaking(self) -> int:
+        return self._handshaking
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, address: Any) -> bool:
+        return address in self._peers
