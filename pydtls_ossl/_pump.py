@@ -1,4 +1,4 @@
-"""Drive one ``Dtls`` engine over a connected, blocking UDP socket.
+"""Drive an engine, or a server core, over a blocking UDP socket.
 
 The smallest correct loop: send what the engine queued, wait for a datagram
 no longer than the engine's retransmission timer, feed it, repeat. The demo
@@ -7,12 +7,15 @@ and the interop tests use it; the socket surfaces build on the same steps.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
+from typing import Callable
 
 from .engine import Dtls
+from .server import DtlsServer, ServerEvent
 
-__all__ = ["flush", "handshake", "receive", "send"]
+__all__ = ["flush", "handshake", "receive", "send", "serve"]
 
 _MAX_DATAGRAM = 65535
 
@@ -71,3 +74,22 @@ def receive(engine: Dtls, sock: socket.socket, timeout: float = 10.0) -> bytes:
     while (data := engine.read()) is None:
         _wait_and_feed(engine, sock, deadline)
     return data
+
+
+def serve(server: DtlsServer, sock: socket.socket, on_event: Callable[[ServerEvent], None],
+          until: Callable[[], bool], poll: float = 0.05) -> None:
+    """Drive a ``DtlsServer`` over a bound UDP socket until ``until()`` is true."""
+    while not until():
+        timer = server.get_timeout()
+        readable, _, _ = select.select([sock], [], [], poll if timer is None else min(timer, poll))
+        if readable:
+            try:
+                datagram, address = sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, ConnectionRefusedError):
+                continue
+            server.feed(datagram, address)
+        server.handle_timeout()
+        for event in server.events():
+            on_event(event)
+        for datagram, address in server.datagrams_to_send():
+            sock.sendto(datagram, address)
