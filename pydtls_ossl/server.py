@@ -15,7 +15,7 @@ import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 from ._errors import ConnectionClosed as ConnectionClosedError
 from ._errors import DtlsError, LimitExceeded
@@ -26,7 +26,9 @@ from .engine import ConnectionState, Dtls
 __all__ = ["ConnectionEstablished", "ConnectionTerminated", "DataReceived", "DtlsServer",
            "ServerEvent", "ServerStats"]
 
-Address = Hashable
+#: A socket address tuple as ``recvfrom`` gives it, or any hashable key an
+#: application demultiplexing by itself uses.
+Address = Any
 _pd_feed = lib.pd_feed
 _pd_cookie_hello = lib.pd_cookie_hello
 _unpack = ffi.unpack
