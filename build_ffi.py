@@ -173,6 +173,27 @@ const char *SSL_alert_desc_string_long(int);
 #define SSL_ERROR_SYSCALL ...
 """
 
+PSK = """
+typedef unsigned int (*SSL_psk_client_cb_func)(SSL *, const char *, char *, unsigned int,
+                                               unsigned char *, unsigned int);
+typedef unsigned int (*SSL_psk_server_cb_func)(SSL *, const char *, unsigned char *,
+                                               unsigned int);
+void SSL_CTX_set_psk_client_callback(SSL_CTX *, SSL_psk_client_cb_func);
+void SSL_CTX_set_psk_server_callback(SSL_CTX *, SSL_psk_server_cb_func);
+int SSL_CTX_use_psk_identity_hint(SSL_CTX *, const char *);
+const char *SSL_get_psk_identity(const SSL *);
+SSL_CTX *SSL_get_SSL_CTX(const SSL *);
+int SSL_CTX_set_ex_data(SSL_CTX *, int, void *);
+void *SSL_CTX_get_ex_data(const SSL_CTX *, int);
+void SSL_CTX_set_security_level(SSL_CTX *, int);
+int SSL_CTX_get_security_level(const SSL_CTX *);
+void SSL_set_verify(SSL *, int, void *);
+extern "Python" unsigned int pd_psk_client_cb(SSL *, const char *, char *, unsigned int,
+                                              unsigned char *, unsigned int);
+extern "Python" unsigned int pd_psk_server_cb(SSL *, const char *, unsigned char *,
+                                              unsigned int);
+"""
+
 SRTP = """
 typedef struct {
     const char *name;
@@ -266,7 +287,7 @@ def _source() -> str:
 ffi = FFI()
 ffi.cdef("struct tm { int tm_sec; int tm_min; int tm_hour; int tm_mday; "
          "int tm_mon; int tm_year; ...; };\n"
-         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + SRTP + ENGINE)
+         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + SRTP + ENGINE)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

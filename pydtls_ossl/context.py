@@ -19,9 +19,11 @@ from ._errors import ConfigurationError, InternalError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from .certs import (CertificateSource, format_fingerprint, load_certificates,
                     load_private_key, x509_digest)
+from ._psk import ClientPsk, ServerPsk
+from ._psk import install as install_psk
 from .srtp import SrtpProfile
 
-__all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "CookieSecret", "DtlsContext", "Verify",
+__all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DEFAULT_PSK_CIPHERS", "CookieSecret", "DtlsContext", "Verify",
            "address_bytes"]
 
 #: ECDHE key exchange with AEAD ciphers only, ECDSA first (what WebRTC uses).
@@ -32,6 +34,15 @@ DEFAULT_CIPHERS = ":".join((
     "ECDHE-RSA-AES128-GCM-SHA256",
     "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-RSA-CHACHA20-POLY1305",
+))
+#: Pre-shared-key suites, AEAD only; CCM8 last (CoAP's mandatory suite, 8-byte tag).
+DEFAULT_PSK_CIPHERS = ":".join((
+    "ECDHE-PSK-CHACHA20-POLY1305",
+    "PSK-AES128-GCM-SHA256",
+    "PSK-AES256-GCM-SHA384",
+    "PSK-CHACHA20-POLY1305",
+    "PSK-AES128-CCM",
+    "PSK-AES128-CCM8",
 ))
 #: P-256 must be offered for P-256 certificates to be usable at all.
 DEFAULT_GROUPS = "X25519:P-256:P-384"
@@ -49,12 +60,15 @@ class Verify(enum.Enum):
     dates are not checked. ``ANY_CERTIFICATE``: the peer must present a
     certificate, any is accepted, and the application checks
     ``get_peer_fingerprint()`` itself after the handshake (for an SDP answer
-    that arrives late). ``NONE``: no authentication at all; say so on purpose.
+    that arrives late). ``PSK``: a pre-shared key authenticates both sides (set
+    by ``psk=``); a certificate suite the server might pick is then refused.
+    ``NONE``: no authentication at all; say so on purpose.
     """
 
     CA = "ca"
     FINGERPRINT = "fingerprint"
     ANY_CERTIFICATE = "any-certificate"
+    PSK = "psk"
     NONE = "none"
 
 
@@ -132,7 +146,16 @@ class DtlsContext:
     the retransmission timer (seconds; doubled per timeout, RFC 6347 §4.2.4).
     ``srtp_profiles`` offers (client) or accepts (server) DTLS-SRTP profiles
     in order of preference; with ``srtp_required`` (the default once profiles
-    are given) a handshake without a common profile fails. ``cookie_secret``
+    are given) a handshake without a common profile fails.
+
+    Pre-shared keys: ``psk=(identity, key)`` or ``psk=fn(hint) -> (identity,
+    key)`` for clients; ``psk_keys={identity: key}`` or ``psk_keys=fn(identity)
+    -> key | None`` for servers (an unknown identity is refused with
+    unknown_psk_identity); ``psk_identity_hint`` is what a server announces.
+    ``ciphers`` defaults to AEAD ECDHE certificate suites, AEAD PSK suites when
+    PSK is configured, or both for a server doing both. ``security_level`` sets
+    OpenSSL's level (Debian defaults to 2); lower it only to allow a suite the
+    level refuses, and only on purpose. ``cookie_secret``
     (bytes or a ``CookieSecret``) is shared by servers that must accept each
     other's cookies; by default each context has its own random one.
     """
@@ -146,8 +169,12 @@ class DtlsContext:
         verify: Verify | str | None = None,
         cafile: str | os.PathLike[str] | None = None,
         cadata: bytes | str | None = None,
-        ciphers: str = DEFAULT_CIPHERS,
+        psk: ClientPsk | None = None,
+        psk_keys: ServerPsk | None = None,
+        psk_identity_hint: str | None = None,
+        ciphers: str | None = None,
         groups: str = DEFAULT_GROUPS,
+        security_level: int | None = None,
         mtu: int = 1200,
         initial_rto: float = 1.0,
         max_rto: float = 60.0,
@@ -163,8 +190,12 @@ class DtlsContext:
         if self.max_rto_us < self.initial_rto_us:
             raise ValueError("max_rto must not be below initial_rto")
         has_ca = cafile is not None or cadata is not None
+        self.psk = psk
+        self.psk_keys = psk_keys
+        if psk is not None and not callable(psk) and (not isinstance(psk, tuple) or len(psk) != 2):
+            raise TypeError("psk must be (identity, key) or a function of the hint")
         self.verify: Verify | None = Verify(verify) if verify is not None else (
-            Verify.CA if has_ca else None)
+            Verify.CA if has_ca else Verify.PSK if psk is not None else None)
         if self.verify is Verify.CA and not has_ca:
             raise ConfigurationError("Verify.CA needs cafile= or cadata=")
         self._fingerprints: dict[str, str] = {}
@@ -177,8 +208,26 @@ class DtlsContext:
 
         ctx = check_ptr(lib.SSL_CTX_new(lib.DTLS_method()), InternalError, "SSL_CTX_new")
         self._ctx = ffi.gc(ctx, lib.SSL_CTX_free)
+        if ciphers is None:
+            suites = []
+            if cert is not None or (psk is None and psk_keys is None):
+                suites.append(DEFAULT_CIPHERS)
+            if psk is not None or psk_keys is not None:
+                suites.append(DEFAULT_PSK_CIPHERS)
+            ciphers = ":".join(suites)
+        self.ciphers = ciphers
+        self._psk_handle: Any = None
         try:
+            if security_level is not None:
+                if not 0 <= security_level <= 5:
+                    raise ValueError("security_level is 0 to 5")
+                lib.SSL_CTX_set_security_level(ctx, security_level)
             self._configure(ciphers, groups)
+            if psk is not None or psk_keys is not None:
+                self._psk_handle = install_psk(self)
+            if psk_identity_hint is not None:
+                check(lib.SSL_CTX_use_psk_identity_hint(ctx, psk_identity_hint.encode()),
+                      ConfigurationError, "bad psk_identity_hint")
             if cert is not None and key is not None:
                 self._load_identity(cert, key, password)
             if has_ca:
@@ -197,7 +246,9 @@ class DtlsContext:
         lib.SSL_CTX_set_options(ctx, lib.SSL_OP_NO_RENEGOTIATION | lib.SSL_OP_NO_COMPRESSION
                                 | lib.SSL_OP_CIPHER_SERVER_PREFERENCE | lib.SSL_OP_NO_QUERY_MTU)
         check(lib.SSL_CTX_set_cipher_list(ctx, ciphers.encode()), ConfigurationError,
-              f"no usable cipher in {ciphers!r}")
+              f"no usable cipher in {ciphers!r} at OpenSSL security level "
+              f"{lib.SSL_CTX_get_security_level(ctx)} (a suite the level refuses needs "
+              f"security_level= lowered on purpose)")
         check(lib.SSL_CTX_set1_groups_list(ctx, groups.encode()), ConfigurationError,
               f"bad groups list {groups!r}")
         # Stateless resumption (tickets) needs no server cache; memory stays flat.
@@ -242,6 +293,10 @@ class DtlsContext:
     # ----------------------------------------------------------- queries
 
     @property
+    def security_level(self) -> int:
+        return int(lib.SSL_CTX_get_security_level(self._ctx))
+
+    @property
     def has_certificate(self) -> bool:
         return bool(lib.SSL_CTX_get0_certificate(self._ctx) != ffi.NULL)
 
@@ -266,13 +321,13 @@ class DtlsContext:
             return Verify.FINGERPRINT
         if self.verify is Verify.FINGERPRINT:
             raise ConfigurationError("Verify.FINGERPRINT needs expected_peer_fingerprint=")
-        if is_server and not self.has_certificate:
-            raise ConfigurationError("a DTLS server needs cert= and key=")
+        if is_server and not self.has_certificate and self.psk_keys is None:
+            raise ConfigurationError("a DTLS server needs cert= and key=, or psk_keys=")
         if self.verify is not None:
             return self.verify
         if is_server:
             return Verify.NONE  # servers, as in TLS, do not ask for client certificates
         raise ConfigurationError(
             "a client must say how it authenticates the server: "
-            "expected_peer_fingerprint=..., cafile=/cadata= (Verify.CA), "
+            "expected_peer_fingerprint=..., cafile=/cadata= (Verify.CA), psk=..., "
             "or verify=Verify.NONE to accept any server on purpose")

@@ -16,6 +16,7 @@ from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError
                       ConnectionClosed, DtlsError, FingerprintMismatch, HandshakeError,
                       InternalError)
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
+from ._psk import take_callback_error
 from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
                     x509_digest, x509_to_der)
 from .context import DtlsContext, Verify, _seconds_to_us, address_bytes, check_mtu
@@ -129,6 +130,9 @@ class Dtls:
             lib.pd_verify_peer(conn, 0)
         elif mode is Verify.ANY_CERTIFICATE:
             lib.pd_verify_peer(conn, 1)
+        elif mode is Verify.PSK and not is_server:
+            # no trust anchors: a certificate suite chosen by the server fails
+            lib.SSL_set_verify(conn.ssl, lib.SSL_VERIFY_PEER, ffi.NULL)
         if server_hostname is not None:
             if is_server:
                 raise ValueError("server_hostname is for clients")
@@ -362,6 +366,13 @@ class Dtls:
         material = self.export_keys(SRTP_EXPORTER_LABEL, profile.keying_material_length)
         return split_srtp_keying_material(profile, material, self.is_server)
 
+    def psk_identity(self) -> str | None:
+        """The PSK identity of this association (the client's), or None."""
+        if self._conn is _DEAD:
+            return None
+        identity = lib.SSL_get_psk_identity(self._conn.ssl)
+        return None if identity == ffi.NULL else ffi.string(identity).decode(errors="replace")
+
     def get_fingerprint(self, algorithm: str = "sha-256") -> str | None:
         """RFC 8122 fingerprint of our own certificate, or None without one."""
         return self._context.fingerprint(algorithm)
@@ -426,6 +437,13 @@ class Dtls:
     @staticmethod
     def _handshake_error(conn: Any, reasons: tuple[str, ...], received: Alert | None,
                          sent: Alert | None) -> HandshakeError:
+        callback_error = take_callback_error()
+        if callback_error is not None:
+            error = HandshakeError(f"handshake failed: a PSK callback raised "
+                                   f"{type(callback_error).__name__}: {callback_error}",
+                                   reasons, sent)
+            error.__cause__ = callback_error
+            return error
         if conn.srtp_refused:
             return HandshakeError("no DTLS-SRTP profile in common", reasons, sent or received)
         if conn.pin_mismatch:
@@ -437,6 +455,16 @@ class Dtls:
             return CertificateError(f"peer certificate rejected: {text}", reasons, sent, verify)
         if received is not None and received.fatal:
             return HandshakeError(f"handshake failed: peer sent {received}", reasons, received)
+        if any("no ciphers available" in r or "no shared cipher" in r for r in reasons):
+            level = lib.SSL_CTX_get_security_level(lib.SSL_get_SSL_CTX(conn.ssl))
+            return HandshakeError(
+                f"handshake failed: no cipher suite in common (OpenSSL security level {level} "
+                f"refuses weaker suites; lower it with DtlsContext(security_level=...) only on "
+                f"purpose)", reasons, sent)
         if any("timeout" in r for r in reasons):
-            return HandshakeError("handshake timed out: too many retransmissions", reasons, sent)
+            hint = (" (with PSK, a wrong key looks like this: DTLS silently drops records"
+                    " that fail to decrypt)") if conn.ssl != ffi.NULL and lib.SSL_get_psk_identity(
+                        conn.ssl) != ffi.NULL else ""
+            return HandshakeError(f"handshake timed out: too many retransmissions{hint}",
+                                  reasons, sent)
         return HandshakeError("handshake failed" + (f": {sent}" if sent else ""), reasons, sent)

@@ -40,10 +40,12 @@ _FAILED = lib.PD_STATE_FAILED
 
 @dataclass(frozen=True, slots=True)
 class ConnectionEstablished:
-    """A handshake finished; ``peer_fingerprint`` is None when the peer sent no certificate."""
+    """A handshake finished. ``peer_fingerprint`` is None when the peer sent no
+    certificate; ``psk_identity`` is the client's PSK identity, if it used one."""
 
     address: Address
     peer_fingerprint: str | None
+    psk_identity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +112,8 @@ class DtlsServer:
                  max_connections: int = 100_000, handshake_timeout: float = 30.0,
                  idle_timeout: float = 600.0, max_queued_bytes: int = 256 * 1024,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not context.has_certificate:
-            raise ValueError("a DTLS server context needs cert= and key=")
+        if not context.has_certificate and context.psk_keys is None:
+            raise ValueError("a DTLS server context needs cert= and key=, or psk_keys=")
         if min(max_handshakes, max_connections, max_queued_bytes) <= 0:
             raise ValueError("limits must be positive")
         if handshake_timeout <= 0 or idle_timeout <= 0:
@@ -227,7 +229,8 @@ class DtlsServer:
             peer.established = True
             self._handshaking -= 1
             self.stats.handshakes_completed += 1
-            self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint()))
+            self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint(),
+                                                      peer.engine.psk_identity()))
             while (data := peer.engine.read()) is not None:
                 self._events.append(DataReceived(peer.address, data))
         self._arm(peer)
@@ -266,7 +269,8 @@ class DtlsServer:
             self._handshaking -= 1
             self.stats.restarts += 1
             self.stats.handshakes_completed += 1
-            self._events.append(ConnectionEstablished(peer.address, replacement.get_peer_fingerprint()))
+            self._events.append(ConnectionEstablished(peer.address, replacement.get_peer_fingerprint(),
+                                                      replacement.psk_identity()))
 
     def _queue_replacement_output(self, peer: _Peer) -> None:
         assert peer.replacement is not None

@@ -34,3 +34,14 @@ def test_readme_webrtc_snippet_runs() -> None:
     on_datagram = namespace["on_datagram"]
     for datagram in (b"\x00\x01" + bytes(18), b"\x80\x60" + bytes(10), b"\x16\xfe\xff" + bytes(10)):
         on_datagram(datagram)  # type: ignore[operator]
+
+
+def test_readme_psk_snippet_runs() -> None:
+    from .helpers import Pair
+    psk = python_blocks()[3]
+    assert "psk_keys" in psk
+    namespace: dict[str, object] = {}
+    exec(compile(psk, "README.md", "exec"), namespace)
+    pair = Pair(namespace["sensor"], namespace["gateway"])  # type: ignore[arg-type]
+    pair.handshake()
+    assert pair.server.psk_identity() == "sensor-0042"

@@ -1,0 +1,102 @@
+"""Pre-shared keys: the callbacks OpenSSL calls, and how their failures surface.
+
+The callbacks find their ``DtlsContext`` through a weak-reference handle in
+the ``SSL_CTX``'s app data. A Python exception never crosses into OpenSSL: it
+is kept for this thread, the callback returns 0 so the handshake fails, and
+the engine raises a ``HandshakeError`` chained to it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+
+from ._ffi import ffi, lib
+
+if TYPE_CHECKING:
+    from .context import DtlsContext
+
+__all__ = ["ClientPsk", "ServerPsk", "take_callback_error"]
+
+#: A client's (identity, key), or a function of the server's hint returning one.
+ClientPsk = Union[tuple[Union[str, bytes], bytes],
+                  Callable[[Union[str, None]], Union[tuple[Union[str, bytes], bytes], None]]]
+#: A server's identity -> key table, or a function returning the key or None.
+ServerPsk = Union[Mapping[Union[str, bytes], bytes], Callable[[str], Union[bytes, None]]]
+
+_failures = threading.local()
+
+
+def take_callback_error() -> BaseException | None:
+    """The exception a callback raised during this thread's last failed call."""
+    error: BaseException | None = getattr(_failures, "error", None)
+    _failures.error = None
+    return error
+
+
+def _context(ssl: Any) -> DtlsContext | None:
+    handle = lib.SSL_CTX_get_ex_data(lib.SSL_get_SSL_CTX(ssl), 0)
+    if handle == ffi.NULL:
+        return None
+    ref: weakref.ref[DtlsContext] = ffi.from_handle(handle)
+    return ref()
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_psk_client_cb(ssl: Any, hint: Any, identity_out: Any, max_identity: int,
+                     psk_out: Any, max_psk: int) -> int:
+    try:
+        context = _context(ssl)
+        if context is None or context.psk is None:
+            return 0
+        hint_text = None if hint == ffi.NULL else ffi.string(hint).decode(errors="replace")
+        chosen = context.psk(hint_text) if callable(context.psk) else context.psk
+        if chosen is None:
+            return 0
+        identity, key = _as_bytes(chosen[0]), bytes(chosen[1])
+        if len(identity) + 1 > max_identity or not 0 < len(key) <= max_psk:
+            raise ValueError(f"PSK identity must be under {max_identity} bytes and the key "
+                             f"1 to {max_psk} bytes")
+        ffi.memmove(identity_out, identity + b"\0", len(identity) + 1)
+        ffi.memmove(psk_out, key, len(key))
+        return len(key)
+    except BaseException as exc:  # never into OpenSSL
+        _failures.error = exc
+        return 0
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_psk_server_cb(ssl: Any, identity: Any, psk_out: Any, max_psk: int) -> int:
+    try:
+        context = _context(ssl)
+        if context is None or context.psk_keys is None or identity == ffi.NULL:
+            return 0
+        name = ffi.string(identity).decode(errors="replace")
+        keys = context.psk_keys
+        key = keys(name) if callable(keys) else keys.get(name, keys.get(name.encode()))
+        if key is None:
+            return 0  # OpenSSL answers unknown_psk_identity
+        key = bytes(key)
+        if not 0 < len(key) <= max_psk:
+            raise ValueError(f"PSK key must be 1 to {max_psk} bytes")
+        ffi.memmove(psk_out, key, len(key))
+        return len(key)
+    except BaseException as exc:
+        _failures.error = exc
+        return 0
+
+
+def install(context: DtlsContext) -> Any:
+    """Point the SSL_CTX's callbacks at ``context``; return the handle to keep alive."""
+    handle = ffi.new_handle(weakref.ref(context))
+    lib.SSL_CTX_set_ex_data(context.ssl_ctx, 0, handle)
+    if context.psk is not None:
+        lib.SSL_CTX_set_psk_client_callback(context.ssl_ctx, lib.pd_psk_client_cb)
+    if context.psk_keys is not None:
+        lib.SSL_CTX_set_psk_server_callback(context.ssl_ctx, lib.pd_psk_server_cb)
+    return handle
