@@ -236,6 +236,7 @@ typedef struct pd_conn {
     size_t max_plaintext;
     const char *data;
     size_t plain_count;
+    size_t plain_bytes;
     size_t plain_limit;
     unsigned long long plain_dropped;
     size_t out_len;
@@ -244,11 +245,12 @@ typedef struct pd_conn {
 typedef struct { ...; } pd_cookie_keys;
 void pd_cookie_keys_set(pd_cookie_keys *, const unsigned char *, size_t,
                         const unsigned char *, size_t);
-int pd_cookie_hello(const pd_cookie_keys *, const unsigned char *, size_t,
+int pd_cookie_hello(const pd_cookie_keys *, const unsigned char *, size_t, unsigned int,
                     const unsigned char *, size_t, unsigned char *);
 void pd_ctx_enable_cookies(SSL_CTX *);
 int pd_accept_hello(pd_conn *, const unsigned char *, size_t);
-void pd_set_cookie_peer(pd_conn *, const pd_cookie_keys *, const unsigned char *, size_t);
+void pd_set_cookie_peer(pd_conn *, const pd_cookie_keys *, const unsigned char *, size_t,
+                        unsigned int);
 int pd_init(void);
 pd_conn *pd_dead_conn(void);
 pd_conn *pd_conn_new(SSL_CTX *, int, unsigned int, unsigned int, unsigned int);
@@ -261,6 +263,9 @@ int pd_feed(pd_conn *, const unsigned char *, size_t);
 long pd_pull(pd_conn *);
 int pd_write(pd_conn *, const char *, size_t);
 long pd_read(pd_conn *);
+long pd_write_batch(pd_conn *, const char *, const size_t *, size_t, char *, size_t *, size_t *);
+long pd_feed_batch(pd_conn *, const unsigned char *, const size_t *, size_t);
+long pd_read_all(pd_conn *, char *, size_t *);
 double pd_get_timeout(pd_conn *);
 int pd_handle_timeout(pd_conn *);
 void pd_shutdown(pd_conn *);

@@ -2,17 +2,22 @@
  * The "C" column of the benchmark: plain libssl doing the same work as the
  * Python columns, with memory BIOs, in one process.
  *
- *   bench_c handshake SECONDS CERT KEY
+ *   bench_c handshake SECONDS CERT KEY [NTHREADS]
+ *   bench_c cookie-handshake SECONDS CERT KEY
  *   bench_c records SECONDS CERT KEY SIZE
+ *   bench_c records-batch SECONDS CERT KEY SIZE
  *   bench_c listen SECONDS CERT KEY
- *   bench_c memory COUNT CERT KEY
- *   bench_c threads SECONDS CERT KEY NTHREADS
+ *   bench_c memory COUNT CERT KEY [release]
+ *   bench_c version - CERT KEY
  *
  * Each prints one line "rate=<per second>" (or "bytes=<per association>").
+ * Cookies are HMAC-SHA256 over ~100 bytes with precomputed pad states, as the
+ * library computes them, so DTLSv1_listen is measured doing the same work.
  * Profile: DTLS 1.2, ECDHE-ECDSA-AES128-GCM-SHA256, groups X25519:P-256,
  * MTU 1200, the client verifies the server's P-256 certificate as its trust
  * anchor, session tickets on, server session cache off.
  */
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +26,7 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
+#include <openssl/sha.h>
 
 #define MTU 1200
 
@@ -168,18 +174,48 @@ static void records(double seconds, size_t size)
     free(data);
 }
 
+static SHA256_CTX cookie_inner, cookie_outer;
+
+static void cookie_key(void)
+{
+    unsigned char pad[64];
+    int i;
+    for (i = 0; i < 64; i++)
+        pad[i] = (unsigned char)('k' ^ 0x36);
+    SHA256_Init(&cookie_inner);
+    SHA256_Update(&cookie_inner, pad, 64);
+    for (i = 0; i < 64; i++)
+        pad[i] = (unsigned char)('k' ^ 0x5c);
+    SHA256_Init(&cookie_outer);
+    SHA256_Update(&cookie_outer, pad, 64);
+}
+
+static void cookie_mac(SSL *ssl, unsigned char out[32])
+{
+    unsigned char params[100], inner[32];
+    SHA256_CTX ctx = cookie_inner;
+    (void)ssl; /* DTLSv1_listen does not record the hello's random: hash fixed fields */
+    memset(params, 0x5a, sizeof(params));
+    memcpy(params, "127.0.0.1\0" "40000", 15);
+    SHA256_Update(&ctx, params, sizeof(params));
+    SHA256_Final(inner, &ctx);
+    ctx = cookie_outer;
+    SHA256_Update(&ctx, inner, 32);
+    SHA256_Final(out, &ctx);
+}
+
 static int cookie_gen(SSL *ssl, unsigned char *cookie, unsigned int *len)
 {
-    (void)ssl;
-    memcpy(cookie, "0123456789abcdef0123456789abcdef", 32);
+    cookie_mac(ssl, cookie);
     *len = 32;
     return 1;
 }
 
 static int cookie_verify(SSL *ssl, const unsigned char *cookie, unsigned int len)
 {
-    (void)ssl;
-    return len == 32 && memcmp(cookie, "0123456789abcdef0123456789abcdef", 32) == 0;
+    unsigned char mac[32];
+    cookie_mac(ssl, mac);
+    return len == 32 && CRYPTO_memcmp(cookie, mac, 32) == 0;
 }
 
 static void listen_loop(double seconds)
@@ -190,8 +226,6 @@ static void listen_loop(double seconds)
     long count = 0;
     double start, end;
     BIO_ADDR *peer = BIO_ADDR_new();
-    SSL_CTX_set_cookie_generate_cb(server_ctx, cookie_gen);
-    SSL_CTX_set_cookie_verify_cb(server_ctx, cookie_verify);
     end_init(&c, client_ctx, 0);
     SSL_do_handshake(c.ssl);
     hello_len = BIO_read(c.out, hello, sizeof(hello));
@@ -214,6 +248,88 @@ static void listen_loop(double seconds)
     printf("rate=%.1f\n", count / (now() - start));
 }
 
+/* A full handshake with the cookie round: DTLSv1_listen answers the first
+ * hello, accepts the second, then the handshake runs as usual. */
+static void cookie_handshake_loop(double seconds)
+{
+    BIO_ADDR *peer = BIO_ADDR_new();
+    long count = 0;
+    double start = now(), end = start + seconds;
+    while (now() < end) {
+        int i;
+        for (i = 0; i < 20; i++) {
+            end_t c, s;
+            int listened = 0, rounds;
+            end_init(&c, client_ctx, 0);
+            end_init(&s, server_ctx, 1);
+            SSL_set_options(s.ssl, SSL_OP_COOKIE_EXCHANGE);
+            for (rounds = 0; rounds < 4 && listened != 1; rounds++) {
+                SSL_do_handshake(c.ssl);
+                move(&c, &s);
+                listened = DTLSv1_listen(s.ssl, peer);
+                if (listened < 0)
+                    die("DTLSv1_listen");
+                move(&s, &c);
+            }
+            if (listened != 1)
+                die("cookie exchange did not finish");
+            SSL_set_mtu(s.ssl, MTU);
+            handshake(&c, &s);
+            SSL_free(c.ssl);
+            SSL_free(s.ssl);
+            count++;
+        }
+    }
+    printf("rate=%.1f\n", count / (now() - start));
+}
+
+/* 64 records per round, written back to back, then packed whole into
+ * datagrams of at most MTU bytes (what pydtls_ossl's pull does), each datagram
+ * delivered and its records read before the next: a memory BIO would merge
+ * datagrams and DTLS would then cut records. */
+static void records_batch(double seconds, size_t size)
+{
+    end_t c, s;
+    char *data = malloc(size), out[16384];
+    static unsigned char wire[64 * 1400];
+    long count = 0;
+    double start, end;
+    memset(data, 'x', size);
+    end_init(&c, client_ctx, 0);
+    end_init(&s, server_ctx, 1);
+    handshake(&c, &s);
+    start = now();
+    end = start + seconds;
+    while (now() < end) {
+        int i, r;
+        for (r = 0; r < 16; r++) {
+            int n, off = 0, got = 0;
+            for (i = 0; i < 64; i++)
+                if (SSL_write(c.ssl, data, (int)size) != (int)size)
+                    die("SSL_write");
+            n = BIO_read(c.out, wire, sizeof(wire));
+            while (off < n) {
+                int len = 0;
+                while (off + len + 13 <= n) {
+                    int rec = 13 + ((wire[off + len + 11] << 8) | wire[off + len + 12]);
+                    if (len > 0 && len + rec > MTU)
+                        break;
+                    len += rec;
+                }
+                BIO_write(s.in, wire + off, len);
+                off += len;
+                while (SSL_read(s.ssl, out, sizeof(out)) == (int)size)
+                    got++;
+            }
+            if (got != 64)
+                die("SSL_read");
+        }
+        count += 16 * 64;
+    }
+    printf("rate=%.1f\n", count / (now() - start));
+    free(data);
+}
+
 static long rss_bytes(void)
 {
     long pages = 0, resident = 0;
@@ -224,7 +340,7 @@ static long rss_bytes(void)
     return resident * 4096;
 }
 
-static void memory(long count)
+static void memory(long count, int release)
 {
     end_t *c = calloc((size_t)count, sizeof(end_t));
     end_t *s = calloc((size_t)count, sizeof(end_t));
@@ -242,6 +358,8 @@ static void memory(long count)
         move(&s[i], &c[i]);
         SSL_read(c[i].ssl, buf, sizeof(buf));
         SSL_free(c[i].ssl); /* keep only the server side, as a server would */
+        if (release && !SSL_free_buffers(s[i].ssl))
+            die("SSL_free_buffers");
     }
     printf("bytes=%.1f\n", (double)(rss_bytes() - before) / (double)count);
 }
@@ -256,7 +374,10 @@ int main(int argc, char **argv)
     seconds = atof(argv[2]);
     server_ctx = make_ctx(argv[3], argv[4]);
     client_ctx = make_ctx(argv[3], NULL);
-    if (strcmp(argv[1], "handshake") == 0 || strcmp(argv[1], "threads") == 0) {
+    cookie_key();
+    SSL_CTX_set_cookie_generate_cb(server_ctx, cookie_gen);
+    SSL_CTX_set_cookie_verify_cb(server_ctx, cookie_verify);
+    if (strcmp(argv[1], "handshake") == 0) {
         int n = argc > 5 ? atoi(argv[5]) : 1, i;
         pthread_t tid[16];
         work_t work[16];
@@ -273,12 +394,18 @@ int main(int argc, char **argv)
             total += work[i].count;
         }
         printf("rate=%.1f\n", total / (now() - start));
+    } else if (strcmp(argv[1], "version") == 0) {
+        printf("version=%s\n", OpenSSL_version(OPENSSL_VERSION));
+    } else if (strcmp(argv[1], "cookie-handshake") == 0) {
+        cookie_handshake_loop(seconds);
+    } else if (strcmp(argv[1], "records-batch") == 0) {
+        records_batch(seconds, (size_t)atoi(argv[5]));
     } else if (strcmp(argv[1], "records") == 0) {
         records(seconds, (size_t)atoi(argv[5]));
     } else if (strcmp(argv[1], "listen") == 0) {
         listen_loop(seconds);
     } else if (strcmp(argv[1], "memory") == 0) {
-        memory((long)seconds);
+        memory((long)seconds, argc > 5 && strcmp(argv[5], "release") == 0);
     } else {
         die("unknown mode");
     }

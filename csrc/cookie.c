@@ -1,8 +1,8 @@
 /*
  * Stateless cookie exchange (RFC 6347 §4.2.1) before any SSL object exists.
  *
- * cookie = HMAC-SHA256(secret, peer address || client_version || random ||
- *                      session_id || cipher_suites || compression_methods)
+ * cookie = HMAC-SHA256(secret, peer host || peer port || client_version ||
+ *                      random || session_id || cipher_suites || compression_methods)
  * under the current secret or the previous one. The HMAC's inner and outer
  * states are precomputed per secret, so a reply costs a parse, four SHA-256
  * blocks and a 60-byte write, and allocates nothing.
@@ -115,12 +115,20 @@ static int pd_parse_hello(const unsigned char *d, size_t n, pd_hello *h)
     return 1;
 }
 
-static void pd_cookie_mac(const pd_hmac_key *k, const unsigned char *addr, size_t addr_len,
-                          const pd_hello *h, unsigned char out[PD_COOKIE_LEN])
+typedef struct pd_peer {
+    const unsigned char *host;
+    size_t host_len;
+    unsigned int port;
+} pd_peer;
+
+static void pd_cookie_mac(const pd_hmac_key *k, const pd_peer *peer, const pd_hello *h,
+                          unsigned char out[PD_COOKIE_LEN])
 {
     SHA256_CTX ctx = k->inner;
     unsigned char inner[SHA256_DIGEST_LENGTH];
-    SHA256_Update(&ctx, addr, addr_len);
+    unsigned char port[3] = {0, (unsigned char)(peer->port >> 8), (unsigned char)peer->port};
+    SHA256_Update(&ctx, peer->host, peer->host_len);
+    SHA256_Update(&ctx, port, sizeof(port)); /* the 0 ends the host unambiguously */
     SHA256_Update(&ctx, h->params1, h->params1_len);
     SHA256_Update(&ctx, h->params2, h->params2_len);
     SHA256_Final(inner, &ctx);
@@ -129,16 +137,15 @@ static void pd_cookie_mac(const pd_hmac_key *k, const unsigned char *addr, size_
     SHA256_Final(out, &ctx);
 }
 
-static int pd_cookie_matches(const pd_hmac_key *k, const unsigned char *addr, size_t addr_len,
-                             const pd_hello *h)
+static int pd_cookie_matches(const pd_hmac_key *k, const pd_peer *peer, const pd_hello *h)
 {
     unsigned char mac[PD_COOKIE_LEN];
-    pd_cookie_mac(k, addr, addr_len, h, mac);
+    pd_cookie_mac(k, peer, h, mac);
     return CRYPTO_memcmp(mac, h->cookie, PD_COOKIE_LEN) == 0;
 }
 
-static size_t pd_write_hvr(const pd_cookie_keys *keys, const unsigned char *addr,
-                           size_t addr_len, const pd_hello *h, unsigned char *out)
+static size_t pd_write_hvr(const pd_cookie_keys *keys, const pd_peer *peer, const pd_hello *h,
+                           unsigned char *out)
 {
     unsigned char *p = out;
     *p++ = 22;                                   /* handshake record */
@@ -153,24 +160,26 @@ static size_t pd_write_hvr(const pd_cookie_keys *keys, const unsigned char *addr
     *p++ = 0; *p++ = 0; *p++ = 3 + PD_COOKIE_LEN;
     *p++ = 0xFE; *p++ = 0xFF;
     *p++ = PD_COOKIE_LEN;
-    pd_cookie_mac(&keys->current, addr, addr_len, h, p);
+    pd_cookie_mac(&keys->current, peer, h, p);
     return PD_HVR_LEN;
 }
 
 /* >0: a HelloVerifyRequest of that length is in out (room for PD_HVR_LEN);
- * PD_HELLO_VALID: the ClientHello carries a cookie we issued to this address;
- * PD_HELLO_DROP: not a ClientHello at all. */
-int pd_cookie_hello(const pd_cookie_keys *keys, const unsigned char *addr, size_t addr_len,
-                    const unsigned char *d, size_t n, unsigned char *out)
+ * PD_HELLO_VALID: the ClientHello carries a cookie we issued to this peer;
+ * PD_HELLO_DROP: not a ClientHello at all. The peer is its host (text or
+ * bytes) and port, so a socket address needs no formatting first. */
+int pd_cookie_hello(const pd_cookie_keys *keys, const unsigned char *host, size_t host_len,
+                    unsigned int port, const unsigned char *d, size_t n, unsigned char *out)
 {
     pd_hello h;
+    pd_peer peer = {host, host_len, port};
     if (!pd_parse_hello(d, n, &h))
         return PD_HELLO_DROP;
     if (h.cookie_len == PD_COOKIE_LEN
-            && (pd_cookie_matches(&keys->current, addr, addr_len, &h)
-                || (keys->has_previous && pd_cookie_matches(&keys->previous, addr, addr_len, &h))))
+            && (pd_cookie_matches(&keys->current, &peer, &h)
+                || (keys->has_previous && pd_cookie_matches(&keys->previous, &peer, &h))))
         return PD_HELLO_VALID;
-    return (int)pd_write_hvr(keys, addr, addr_len, &h, out);
+    return (int)pd_write_hvr(keys, &peer, &h, out);
 }
 
 /* OpenSSL's cookie callbacks, used only by DTLSv1_listen inside pd_accept_hello:

@@ -82,6 +82,7 @@ typedef struct pd_conn {
     const pd_cookie_keys *cookies;
     unsigned char peer[64];
     size_t peer_len;
+    unsigned int peer_port;
 } pd_conn;
 
 static BIO_METHOD *pd_bio_method = NULL;
@@ -648,9 +649,10 @@ int pd_accept_hello(pd_conn *c, const unsigned char *data, size_t len)
 }
 
 void pd_set_cookie_peer(pd_conn *c, const pd_cookie_keys *keys, const unsigned char *addr,
-                        size_t len)
+                        size_t len, unsigned int port)
 {
     c->cookies = keys;
+    c->peer_port = port;
     c->peer_len = len < sizeof(c->peer) ? len : sizeof(c->peer);
     memcpy(c->peer, addr, c->peer_len);
 }
@@ -660,7 +662,7 @@ void pd_set_cookie_peer(pd_conn *c, const pd_cookie_keys *keys, const unsigned c
 static int pd_feed_cookie(pd_conn *c, const unsigned char *data, size_t len)
 {
     unsigned char hvr[PD_HVR_LEN];
-    int r = pd_cookie_hello(c->cookies, c->peer, c->peer_len, data, len, hvr);
+    int r = pd_cookie_hello(c->cookies, c->peer, c->peer_len, c->peer_port, data, len, hvr);
     if (r > 0)
         return pd_out_append(c, hvr, (size_t)r) ? 0 : PD_ERR_NOMEM;
     if (r == PD_HELLO_DROP)
@@ -769,6 +771,7 @@ int pd_write(pd_conn *c, const char *data, size_t len)
     return PD_ERR_SSL;
 }
 
+
 /* Length of the next plaintext record (c->data points at it), or -1. */
 long pd_read(pd_conn *c)
 {
@@ -787,6 +790,61 @@ long pd_read(pd_conn *c)
     c->taken = n;
     c->data = (const char *)n->data;
     return (long)n->len;
+}
+
+/* Batch hot paths: one call for many records, to spare per-call overhead. */
+
+/* Encrypt n payloads (concatenated in buf, sizes in lens) as n records, then
+ * pack the queued records into datagrams of at most mtu bytes in out (room
+ * for total + n * (13 + 64) + mtu); ends[i] is where datagram i ends. Returns
+ * the number of datagrams, or <0 (PD_ERR_TOO_BIG: lens[*failed] too big). */
+long pd_write_batch(pd_conn *c, const char *buf, const size_t *lens, size_t n,
+                    char *out, size_t *ends, size_t *failed)
+{
+    size_t i, off = 0, used = 0;
+    long count = 0, got;
+    for (i = 0; i < n; i++) {
+        int r = pd_write(c, buf + off, lens[i]);
+        if (r < 0) {
+            *failed = i;
+            return r;
+        }
+        off += lens[i];
+    }
+    while ((got = pd_pull(c)) > 0) {
+        memcpy(out + used, c->data, (size_t)got);
+        used += (size_t)got;
+        ends[count++] = used;
+    }
+    return got < 0 ? got : count;
+}
+
+/* Feed n datagrams (concatenated in buf, sizes in lens). Returns how many
+ * records are readable, or PD_ERR_SSL if one ended the association. */
+long pd_feed_batch(pd_conn *c, const unsigned char *buf, const size_t *lens, size_t n)
+{
+    size_t i, off = 0;
+    for (i = 0; i < n; i++) {
+        int r = pd_feed(c, buf + off, lens[i]);
+        if (r == PD_ERR_SSL)
+            return r;
+        off += lens[i];
+    }
+    return (long)c->plain_count;
+}
+
+/* Move every queued plaintext record into out (room for c->plain_bytes);
+ * ends[i] is where record i ends. Returns the number of records. */
+long pd_read_all(pd_conn *c, char *out, size_t *ends)
+{
+    size_t used = 0;
+    long count = 0, n;
+    while ((n = pd_read(c)) >= 0) {
+        memcpy(out + used, c->data, (size_t)n);
+        used += (size_t)n;
+        ends[count++] = used;
+    }
+    return count;
 }
 
 /* Seconds until a retransmission is due, or -1 when no timer runs. */
@@ -844,5 +902,12 @@ int pd_release_buffers(pd_conn *c)
         return 0;
     }
     c->buffers_released = 1;
+    if (c->out_len == 0) {
+        free(c->out);
+        c->out = NULL;
+        c->out_cap = c->out_off = 0;
+    }
+    free(c->taken);
+    c->taken = NULL;
     return 1;
 }

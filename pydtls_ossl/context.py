@@ -24,7 +24,7 @@ from ._psk import install as install_psk
 from .srtp import SrtpProfile
 
 __all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DEFAULT_PSK_CIPHERS", "CookieSecret", "DtlsContext", "Verify",
-           "address_bytes"]
+           "address_parts"]
 
 #: ECDHE key exchange with AEAD ciphers only, ECDSA first (what WebRTC uses).
 DEFAULT_CIPHERS = ":".join((
@@ -83,15 +83,15 @@ def _seconds_to_us(seconds: float, what: str) -> int:
     return int(seconds * 1_000_000)
 
 
-def address_bytes(address: Any) -> bytes:
-    """The bytes a cookie binds for a peer address: host and port of a socket
-    address tuple (IPv4 or IPv6), or the bytes/str an application uses."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}\x00{address[1]}".encode()
+def address_parts(address: Any) -> tuple[bytes, int]:
+    """What a cookie binds of a peer address: (host, port) of a socket address
+    tuple (IPv4 or IPv6), or the bytes/str key an application uses, port 0."""
+    if type(address) is tuple and len(address) >= 2:
+        return str(address[0]).encode(), int(address[1]) & 0xFFFF
     if isinstance(address, bytes):
-        return address
+        return address, 0
     if isinstance(address, str):
-        return address.encode()
+        return address.encode(), 0
     raise TypeError(f"cannot use {type(address).__name__} as a peer address")
 
 

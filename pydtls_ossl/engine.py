@@ -19,7 +19,7 @@ from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from ._psk import take_callback_error
 from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
                     x509_digest, x509_to_der)
-from .context import DtlsContext, Verify, _seconds_to_us, address_bytes, check_mtu
+from .context import DtlsContext, Verify, _seconds_to_us, address_parts, check_mtu
 from .srtp import SRTP_EXPORTER_LABEL, SrtpKeys, SrtpProfile, split_srtp_keying_material
 
 __all__ = ["CONTINUE", "FINISHED", "ConnectionState", "Dtls", "HandshakeStatus"]
@@ -58,6 +58,17 @@ _ERR_TOO_BIG = lib.PD_ERR_TOO_BIG
 _ERR_SSL = lib.PD_ERR_SSL
 _ERR_OVERSIZE = lib.PD_ERR_OVERSIZE
 _CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
+_scratch = ffi.new_allocator(should_clear_after_alloc=False)  # filled by C before use
+_RECORD_OVERHEAD = 13 + 64  # header plus the most a cipher adds (CBC: IV, MAC, padding)
+
+
+def _split(blob_ptr: Any, ends_ptr: Any, count: int) -> list[bytes]:
+    """Cut C's concatenated output at the given end offsets into separate bytes."""
+    if count <= 0:
+        return []
+    ends: list[int] = ffi.unpack(ends_ptr, count)
+    blob: bytes = _unpack(blob_ptr, ends[-1])
+    return list(map(blob.__getitem__, map(slice, [0, *ends[:-1]], ends)))
 
 
 def _pins(expected: str | Sequence[str] | None) -> list[tuple[str, bytes]]:
@@ -121,8 +132,8 @@ class Dtls:
         if peer_address is not None:
             if not is_server:
                 raise ValueError("peer_address (cookie exchange) is for servers")
-            peer = address_bytes(peer_address)
-            lib.pd_set_cookie_peer(conn, context.cookies.keys(), peer, len(peer))
+            host, port = address_parts(peer_address)
+            lib.pd_set_cookie_peer(conn, context.cookies.keys(), host, len(host), port)
         if mode is Verify.FINGERPRINT:
             for algorithm, digest in pins:
                 check(lib.pd_add_pin(conn, digest_for(algorithm), digest, len(digest)),
@@ -204,6 +215,54 @@ class Dtls:
         if conn.state <= _ESTABLISHED:
             return None
         raise self._dead_error()
+
+    # --------------------------------------------------------------- batches
+
+    def write_batch(self, payloads: Sequence[bytes]) -> list[bytes]:
+        """Encrypt each payload as one record, then return every queued datagram.
+
+        The same records as ``write()`` once per payload followed by ``pull()``
+        until None, in two calls into C instead of many. Raises ``ValueError``
+        naming the first payload that exceeds ``max_write_size``; the payloads
+        before it were written and stay queued for ``pull()``.
+        """
+        n = len(payloads)
+        if n == 0:
+            return []
+        conn = self._conn
+        joined = b"".join(payloads)
+        sizes = ffi.new("size_t[]", list(map(len, payloads)))
+        out = _scratch("char[]", len(joined) + n * _RECORD_OVERHEAD + conn.out_len + conn.mtu)
+        ends = _scratch("size_t[]", n + conn.out_len // 13 + 1)
+        failed = ffi.new("size_t *")
+        count: int = lib.pd_write_batch(conn, joined, sizes, n, out, ends, failed)
+        if count >= 0:
+            return _split(out, ends, count)
+        if count == _ERR_TOO_BIG:
+            raise ValueError(f"payload {failed[0]} ({len(payloads[failed[0]])} bytes) exceeds "
+                             f"the {self.max_write_size} one record can carry at MTU {conn.mtu}")
+        if count == _ERR_OVERSIZE:
+            raise InternalError(f"OpenSSL wrote a record larger than the MTU ({conn.mtu})")
+        raise self._dead_error()
+
+    def feed_batch(self, datagrams: Sequence[bytes]) -> list[bytes]:
+        """Feed received datagrams, then return every record now readable, in order.
+
+        ``feed()`` for each, then ``read()`` until None, in two calls into C.
+        Like ``feed()`` it never raises for what the peer sent.
+        """
+        conn = self._conn
+        if datagrams:
+            joined = b"".join(datagrams)
+            sizes = ffi.new("size_t[]", list(map(len, datagrams)))
+            if lib.pd_feed_batch(conn, joined, sizes, len(datagrams)) == _ERR_SSL:
+                self._dead_error()
+        count = conn.plain_count
+        if count == 0:
+            return []
+        out = _scratch("char[]", conn.plain_bytes)
+        ends = _scratch("size_t[]", count)
+        return _split(out, ends, lib.pd_read_all(conn, out, ends))
 
     # ----------------------------------------------------------- handshake
 

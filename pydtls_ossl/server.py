@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Union
 from ._errors import ConnectionClosed as ConnectionClosedError
 from ._errors import DtlsError, LimitExceeded
 from ._ffi import ffi, lib
-from .context import DtlsContext, address_bytes
+from .context import DtlsContext, address_parts
 from .engine import ConnectionState, Dtls
 
 __all__ = ["ConnectionEstablished", "ConnectionTerminated", "DataReceived", "DtlsServer",
@@ -72,7 +72,7 @@ ServerEvent = Union[ConnectionEstablished, DataReceived, ConnectionTerminated]
 class ServerStats:
     """Counters for monitoring: what was answered, refused or dropped."""
 
-    hello_verify_requests: int = 0
+    hello_verify_requests: int = 0  # filled in when read through DtlsServer.stats
     handshakes_started: int = 0
     handshakes_completed: int = 0
     handshakes_failed: int = 0
@@ -104,19 +104,22 @@ class DtlsServer:
     dropped, never allocated), ``max_connections`` in all, ``handshake_timeout``
     seconds for a handshake to finish, ``idle_timeout`` seconds of silence
     before an association is closed, ``max_queued_bytes`` of unsent data per
-    peer (``send()`` raises ``LimitExceeded`` beyond it). ``clock`` (seconds,
-    monotonic) is injectable for tests; retransmission timers are OpenSSL's.
+    peer (``send()`` raises ``LimitExceeded`` beyond it). A peer quiet for
+    ``release_after`` seconds gives back its ~33 KB of record buffers; they
+    return on its next datagram. ``clock`` (seconds, monotonic) is injectable
+    for tests; retransmission timers are OpenSSL's.
     """
 
     def __init__(self, context: DtlsContext, *, max_handshakes: int = 1024,
                  max_connections: int = 100_000, handshake_timeout: float = 30.0,
                  idle_timeout: float = 600.0, max_queued_bytes: int = 256 * 1024,
+                 release_after: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not context.has_certificate and context.psk_keys is None:
             raise ValueError("a DTLS server context needs cert= and key=, or psk_keys=")
         if min(max_handshakes, max_connections, max_queued_bytes) <= 0:
             raise ValueError("limits must be positive")
-        if handshake_timeout <= 0 or idle_timeout <= 0:
+        if handshake_timeout <= 0 or idle_timeout <= 0 or release_after <= 0:
             raise ValueError("timeouts must be positive")
         self.context = context
         self.max_handshakes = max_handshakes
@@ -124,7 +127,8 @@ class DtlsServer:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.max_queued_bytes = max_queued_bytes
-        self.stats = ServerStats()
+        self.release_after = release_after
+        self._stats = ServerStats()
         self._clock = clock
         self._peers: dict[Address, _Peer] = {}
         self._handshaking = 0
@@ -133,6 +137,8 @@ class DtlsServer:
         self._dirty: deque[_Peer] = deque()
         self._timers: list[tuple[float, int, int, Address]] = []
         self._timer_seq = 0
+        self._cookies = context.cookies
+        self._hello_verify_requests = 0
         self._hvr = ffi.new("unsigned char[]", lib.PD_HVR_LEN)
         self._hvr_chars = ffi.cast("char *", self._hvr)  # unpacks to bytes, not ints
 
@@ -142,7 +148,20 @@ class DtlsServer:
         """Process one datagram received from ``address``. Never raises for its content."""
         peer = self._peers.get(address)
         if peer is None:
-            self._feed_stranger(datagram, address)
+            # A stranger: one C call answers a cookieless hello; nothing is kept.
+            if type(address) is tuple:
+                host, port = address[0].encode(), address[1]
+            else:
+                host, port = address_parts(address)
+            r = _pd_cookie_hello(self._cookies.keys(), host, len(host), port, datagram,
+                                 len(datagram), self._hvr)
+            if r > 0:
+                self._stateless.append((_unpack(self._hvr_chars, r), address))
+                self._hello_verify_requests += 1
+            elif r == _HELLO_VALID:
+                self._admit_stranger(datagram, address)
+            else:
+                self._stats.dropped += 1
             return
         if peer.replacement is not None:
             self._feed_replacement(peer, datagram)
@@ -169,21 +188,21 @@ class DtlsServer:
 
     def _cookie_check(self, datagram: bytes, address: Address) -> bool:
         """True for a hello with a valid cookie; otherwise answer or drop it statelessly."""
-        key = address_bytes(address)  # never cached: strangers cost no state
-        r = _pd_cookie_hello(self.context.cookies.keys(), key, len(key), datagram,
+        host, port = address_parts(address)
+        r = _pd_cookie_hello(self._cookies.keys(), host, len(host), port, datagram,
                              len(datagram), self._hvr)
         if r > 0:
             self._stateless.append((_unpack(self._hvr_chars, r), address))
-            self.stats.hello_verify_requests += 1
+            self._hello_verify_requests += 1
             return False
         if r != _HELLO_VALID:
-            self.stats.dropped += 1
+            self._stats.dropped += 1
             return False
         return True
 
     def _admit(self) -> bool:
         if self._handshaking >= self.max_handshakes or len(self._peers) >= self.max_connections:
-            self.stats.refused_by_limit += 1
+            self._stats.refused_by_limit += 1
             return False
         return True
 
@@ -192,13 +211,13 @@ class DtlsServer:
         try:
             engine._accept_hello(datagram)
         except DtlsError:
-            self.stats.handshakes_failed += 1
+            self._stats.handshakes_failed += 1
             return None
-        self.stats.handshakes_started += 1
+        self._stats.handshakes_started += 1
         return engine
 
-    def _feed_stranger(self, datagram: bytes, address: Address) -> None:
-        if not self._cookie_check(datagram, address) or not self._admit():
+    def _admit_stranger(self, datagram: bytes, address: Address) -> None:
+        if not self._admit():
             return
         engine = self._new_engine(datagram)
         if engine is None:
@@ -218,7 +237,7 @@ class DtlsServer:
         if peer.conn.state == _FAILED:
             error = peer.engine._dead_error()
             if not peer.established:
-                self.stats.handshakes_failed += 1
+                self._stats.handshakes_failed += 1
             self._terminate(peer, "failed" if peer.established else "handshake failed",
                             error if isinstance(error, DtlsError) else None)
         else:
@@ -228,7 +247,7 @@ class DtlsServer:
         if peer.conn.state == lib.PD_STATE_ESTABLISHED:
             peer.established = True
             self._handshaking -= 1
-            self.stats.handshakes_completed += 1
+            self._stats.handshakes_completed += 1
             self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint(),
                                                       peer.engine.psk_identity()))
             while (data := peer.engine.read()) is not None:
@@ -244,7 +263,7 @@ class DtlsServer:
         if peer.replacement is not None or not self._cookie_check(datagram, peer.address):
             return
         if self._handshaking >= self.max_handshakes:
-            self.stats.refused_by_limit += 1
+            self._stats.refused_by_limit += 1
             return
         peer.replacement = self._new_engine(datagram)
         if peer.replacement is not None:
@@ -258,7 +277,7 @@ class DtlsServer:
         if replacement.state is ConnectionState.FAILED:
             peer.replacement = None
             self._handshaking -= 1
-            self.stats.handshakes_failed += 1
+            self._stats.handshakes_failed += 1
             return
         self._queue_replacement_output(peer)
         if replacement.is_handshake_finished():
@@ -267,8 +286,8 @@ class DtlsServer:
             old.close()
             peer.engine, peer.conn, peer.replacement = replacement, replacement._conn, None
             self._handshaking -= 1
-            self.stats.restarts += 1
-            self.stats.handshakes_completed += 1
+            self._stats.restarts += 1
+            self._stats.handshakes_completed += 1
             self._events.append(ConnectionEstablished(peer.address, replacement.get_peer_fingerprint(),
                                                       replacement.psk_identity()))
 
@@ -333,7 +352,9 @@ class DtlsServer:
         """One heap entry per peer: its next retransmission, deadline or idle check."""
         now = self._clock()
         if peer.established:
-            when = peer.last_seen + self.idle_timeout
+            quiet_for = self.idle_timeout if peer.conn.buffers_released else min(
+                self.release_after, self.idle_timeout)
+            when = peer.last_seen + quiet_for
         else:
             timer = peer.engine.get_timeout()
             when = peer.deadline if timer is None else min(peer.deadline, now + timer)
@@ -373,19 +394,22 @@ class DtlsServer:
             heapq.heappop(self._timers)
             peer = self._peers[top[3]]
             if peer.established:
-                if now - peer.last_seen >= self.idle_timeout:
+                quiet = now - peer.last_seen
+                if quiet >= self.idle_timeout:
                     self._terminate(peer, "idle timeout")
-                else:
-                    self._arm(peer)
+                    continue
+                if quiet >= self.release_after and not peer.conn.buffers_released:
+                    peer.engine.release_buffers()
+                self._arm(peer)
                 continue
             if now >= peer.deadline:
-                self.stats.handshakes_failed += 1
+                self._stats.handshakes_failed += 1
                 self._terminate(peer, "handshake timeout")
                 continue
             try:
                 peer.engine.handle_timeout()
             except DtlsError as exc:
-                self.stats.handshakes_failed += 1
+                self._stats.handshakes_failed += 1
                 self._terminate(peer, "handshake failed", exc)
                 continue
             if peer.conn.out_len and not peer.dirty:
@@ -412,6 +436,12 @@ class DtlsServer:
         """The engine of one peer, for introspection (cipher, fingerprints, keys)."""
         peer = self._peers.get(address)
         return peer.engine if peer is not None else None
+
+    @property
+    def stats(self) -> ServerStats:
+        """Counters so far (a live object; the reply count is kept apart for speed)."""
+        self._stats.hello_verify_requests = self._hello_verify_requests
+        return self._stats
 
     @property
     def handshaking(self) -> int:

@@ -400,3 +400,24 @@ def test_close_all_and_limits_validation(server_ctx: DtlsContext, client_ctx: Dt
         DtlsServer(server_ctx, max_handshakes=0)
     with pytest.raises(ValueError):
         DtlsServer(DtlsContext(verify="none"))
+
+
+def test_quiet_peers_give_back_buffers_and_get_them_back(server_ctx: DtlsContext,
+                                                         client_ctx: DtlsContext) -> None:
+    clock = FakeClock()
+    server = DtlsServer(server_ctx, release_after=2.0, clock=clock)
+    net = Net(server)
+    client = net.add(addr(1), Dtls(context=client_ctx))
+    net.run(lambda: client.is_handshake_finished() and server.handshaking == 0)
+    conn = server.connection(addr(1))._conn  # type: ignore[union-attr]
+    assert not conn.buffers_released
+    clock.now += 2.5
+    server.handle_timeout()
+    assert conn.buffers_released
+    client.write(b"wake up")
+    net.step()
+    assert not conn.buffers_released
+    server.send(addr(1), b"awake")
+    net.step()
+    assert client.read() == b"awake"
+    assert len(server) == 1, "releasing buffers is not an idle timeout"

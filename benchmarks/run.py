@@ -1,0 +1,400 @@
+"""Benchmark pydtls_ossl against plain C libssl and pyOpenSSL, in one run.
+
+    python benchmarks/run.py            # a few seconds per measurement
+    python benchmarks/run.py --quick    # a smoke run (CI)
+
+The C column is ``bench_c.c``, compiled here with the system C compiler
+against the system libssl; the pyOpenSSL column runs ``pyopenssl_column.py``
+under an interpreter that has pyOpenSSL, preferring one on the same libssl.
+Columns are measured in alternating rounds and the median is reported, since
+a shared machine's speed drifts. Ratios are column / C. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from pydtls_ossl import Dtls, DtlsContext, generate_certificate, openssl_version  # noqa: E402
+from pydtls_ossl.server import ConnectionEstablished, DtlsServer  # noqa: E402
+
+CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
+GROUPS = "X25519:P-256"
+SIZES = (100, 1163)  # 1163: the largest record payload at MTU 1200 with AES-128-GCM
+BATCH = 64
+
+
+# ----------------------------------------------------------------- helpers
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+    except (OSError, AttributeError):
+        return 0
+
+
+def timed_rate(body: Callable[[], int], seconds: float) -> float:
+    """Run ``body`` (returns units done) until ``seconds`` pass; units per second."""
+    done, start = 0, time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end:
+        done += body()
+    return done / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------ our column
+
+class Ours:
+    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+        self.sctx = DtlsContext(cert_pem, key_pem, ciphers=CIPHER, groups=GROUPS)
+        self.cctx = DtlsContext(cadata=cert_pem, ciphers=CIPHER, groups=GROUPS)
+
+    def _handshake_pair(self) -> tuple[Dtls, Dtls]:
+        client, server = Dtls(context=self.cctx), Dtls(is_server=True, context=self.sctx)
+        client.handshake()
+        pull_c, pull_s, feed_c, feed_s = client.pull, server.pull, client.feed, server.feed
+        for _ in range(50):
+            while (datagram := pull_c()) is not None:
+                feed_s(datagram)
+            while (datagram := pull_s()) is not None:
+                feed_c(datagram)
+            if client.is_handshake_finished() and server.is_handshake_finished():
+                return client, server
+        raise RuntimeError("handshake did not finish")
+
+    def handshakes(self, seconds: float) -> float:
+        def ten() -> int:
+            for _ in range(10):
+                self._handshake_pair()  # both freed as the references drop
+            return 10
+        return timed_rate(ten, seconds)
+
+    def threaded_handshakes(self, seconds: float, threads: int) -> float:
+        counts = [0] * threads
+
+        def run(i: int) -> None:
+            counts[i] = int(self.handshakes(seconds) * seconds)
+
+        start = time.perf_counter()
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sum(counts) / (time.perf_counter() - start)
+
+    def _through_core(self, server: DtlsServer, address: tuple[str, int]) -> None:
+        client = Dtls(context=self.cctx)
+        client.handshake()
+        for _ in range(50):
+            while (datagram := client.pull()) is not None:
+                server.feed(datagram, address)
+            for datagram, _ in server.datagrams_to_send():
+                client.feed(datagram)
+            if client.is_handshake_finished() and address in server and \
+                    server.connection(address).is_handshake_finished():  # type: ignore[union-attr]
+                return
+        raise RuntimeError("handshake through the server core did not finish")
+
+    def cookie_handshakes(self, seconds: float) -> float:
+        server = DtlsServer(self.sctx)
+        port = [0]
+
+        def ten() -> int:
+            for _ in range(10):
+                port[0] += 1
+                address = ("127.0.0.1", port[0])
+                self._through_core(server, address)
+                server.close(address)
+                server.datagrams_to_send()
+                list(server.events())
+            return 10
+        return timed_rate(ten, seconds)
+
+    def hello_verify_requests(self, seconds: float) -> float:
+        server = DtlsServer(self.sctx)
+        client = Dtls(context=self.cctx)
+        client.handshake()
+        hello = client.pull()
+        addresses = [("127.0.0.1", 1024 + i) for i in range(1000)]
+        feed, out = server.feed, server.datagrams_to_send
+
+        def thousand() -> int:
+            for address in addresses:
+                feed(hello, address)  # type: ignore[arg-type]
+            if len(out()) != 1000:
+                raise RuntimeError("expected one HelloVerifyRequest per hello")
+            return 1000
+        return timed_rate(thousand, seconds)
+
+    def records(self, seconds: float, size: int) -> float:
+        client, server = self._handshake_pair()
+        write, pull, feed, read = client.write, client.pull, server.feed, server.read
+        data = b"x" * size
+
+        def thousand() -> int:
+            for _ in range(1000):
+                write(data)
+                feed(pull())  # type: ignore[arg-type]
+                read()
+            return 1000
+        return timed_rate(thousand, seconds)
+
+    def batch_records(self, seconds: float, size: int) -> float:
+        client, server = self._handshake_pair()
+        batch = [b"x" * size] * BATCH
+
+        def sixteen() -> int:
+            for _ in range(16):
+                if len(server.feed_batch(client.write_batch(batch))) != BATCH:
+                    raise RuntimeError("records lost")
+            return 16 * BATCH
+        return timed_rate(sixteen, seconds)
+
+    def memory(self, count: int, release: bool) -> tuple[float, float]:
+        """(RSS, malloc) bytes per idle established server-side association."""
+        keep = []
+        gc.collect()
+        rss_before, heap_before = rss(), malloc_in_use()
+        for _ in range(count):
+            client, server = self._handshake_pair()
+            client.write(b"ping")
+            server.feed(client.pull())  # type: ignore[arg-type]
+            server.read()
+            server.write(b"pong")
+            client.feed(server.pull())  # type: ignore[arg-type]
+            client.read()
+            if release:
+                server.release_buffers()  # what DtlsServer does to a quiet peer
+            keep.append(server)
+            del client
+        gc.collect()
+        return (rss() - rss_before) / count, (malloc_in_use() - heap_before) / count
+
+    def server_core_scale(self, count: int) -> tuple[float, float, float]:
+        """(seconds to establish ``count`` peers through one core, total RSS MB, per-peer KB)."""
+        clock = [time.monotonic()]
+        server = DtlsServer(self.sctx, max_connections=count + 10, max_handshakes=64,
+                            release_after=1.0, clock=lambda: clock[0])
+        gc.collect()
+        before = rss()
+        start = time.perf_counter()
+        for i in range(count):
+            address = ("127.0.0.1", i)
+            self._through_core(server, address)
+            server.datagrams_to_send()
+            if i % 1000 == 999:
+                list(server.events())
+        elapsed = time.perf_counter() - start
+        list(server.events())
+        clock[0] += 2.0  # every peer is now quiet: the core releases their buffers
+        server.handle_timeout()
+        gc.collect()
+        if len(server) != count or not all(
+                isinstance(e, ConnectionEstablished) for e in server.events()):
+            raise RuntimeError("not every association survived")
+        return elapsed, rss() / 1e6, (rss() - before) / count / 1024
+
+
+# ------------------------------------------------------------ columns
+
+class Columns:
+    def __init__(self, workdir: Path) -> None:
+        cert = generate_certificate("bench.pydtls", key_type="ec")
+        self.cert, self.key = workdir / "cert.pem", workdir / "key.pem"
+        cert.write(self.cert, self.key)
+        self.ours = Ours(cert.cert_pem, cert.key_pem)
+        self.c_binary = self._compile(workdir)
+        self.pyopenssl = self._find_pyopenssl()
+
+    def _compile(self, workdir: Path) -> Path | None:
+        compiler = shutil.which(os.environ.get("CC", "cc"))
+        if compiler is None:
+            return None
+        binary = workdir / "bench_c"
+        subprocess.run([compiler, "-O2", "-o", str(binary), str(HERE / "bench_c.c"),
+                        "-lssl", "-lcrypto", "-lpthread"], check=True)
+        return binary
+
+    def _find_pyopenssl(self) -> tuple[str, str] | None:
+        """(interpreter, its libssl), preferring one on the same libssl as ours."""
+        found = []
+        for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+            if not Path(python).exists():
+                continue
+            done = subprocess.run([python, str(HERE / "pyopenssl_column.py"), "version", "0",
+                                   str(self.cert), str(self.key)], capture_output=True, text=True)
+            if done.returncode == 0 and done.stdout.startswith("version="):
+                found.append((python, done.stdout.strip().split("=", 1)[1]))
+        same = [f for f in found if f[1] == openssl_version()]
+        return (same or found or [None])[0]
+
+    def c(self, mode: str, seconds: float, arg: str = "") -> float:
+        assert self.c_binary is not None
+        out = subprocess.run([str(self.c_binary), mode, str(seconds), str(self.cert), str(self.key),
+                              *([arg] if arg else [])], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().split("=", 1)[1])
+
+    def py(self, metric: str, seconds: float, arg: str = "") -> float | None:
+        if self.pyopenssl is None:
+            return None
+        out = subprocess.run([self.pyopenssl[0], str(HERE / "pyopenssl_column.py"), metric,
+                              str(seconds), str(self.cert), str(self.key), *([arg] if arg else [])],
+                             capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1].split("=", 1)[1])
+
+
+def interleaved(runs: list[Callable[[], float | None]], rounds: int) -> list[float | None]:
+    """Median of each measurement over alternating rounds."""
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            value = run()
+            if value is not None:
+                samples[i].append(value)
+    return [statistics.median(s) if s else None for s in samples]
+
+
+# --------------------------------------------------------------- report
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:,.0f}{unit}"
+    return f"{value:.2f}{unit}"
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "n/a"
+    return f"{value / base:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement round")
+    parser.add_argument("--associations", type=int, help="associations for the memory rows")
+    parser.add_argument("--core-peers", type=int, help="peers for the server-core scale row")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    seconds = args.seconds or (0.2 if quick else 1.0)
+    rounds = 1 if quick else 3
+    associations = args.associations or (500 if quick else 10_000)
+    core_peers = args.core_peers or (1_000 if quick else 100_000)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cols = Columns(Path(tmp))
+        ours = cols.ours
+        if cols.c_binary is None:
+            print("no C compiler found: the C column is n/a", file=sys.stderr)
+        version_out = subprocess.run([str(cols.c_binary), "version", "0", str(cols.cert), str(cols.key)],
+                                     capture_output=True, text=True) if cols.c_binary else None
+        print(f"pydtls_ossl benchmark: Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+              f"{'quick' if quick else f'{rounds} rounds x {seconds:g} s'} per measurement")
+        print(f"  C column:           {version_out.stdout.strip().split('=', 1)[1] if version_out else 'n/a'}"
+              f" (bench_c.c, system compiler)")
+        print(f"  pydtls_ossl column: {openssl_version()}")
+        print(f"  pyOpenSSL column:   "
+              + (f"{cols.pyopenssl[1]} via {cols.pyopenssl[0]}" if cols.pyopenssl else "n/a (not installed)"))
+        print(f"  profile: DTLS 1.2, {CIPHER}, P-256 certificate verified by the client, "
+              f"groups {GROUPS}, MTU 1200")
+        print()
+        rows: list[tuple[str, float | None, float | None, float | None, str, str]] = []
+
+        def row(name: str, c: float | None, ours_v: float | None, py: float | None,
+                target: str = "", unit: str = "") -> None:
+            rows.append((name, c, ours_v, py, target, unit))
+
+        c_hs, o_hs, p_hs = interleaved([lambda: cols.c("handshake", seconds, "1"),
+                                        lambda: ours.handshakes(seconds),
+                                        lambda: cols.py("handshake", seconds)], rounds)
+        row("1. full handshakes/s", c_hs, o_hs, p_hs, ">= 0.95x")
+        c_ck, o_ck, p_ck = interleaved([lambda: cols.c("cookie-handshake", seconds),
+                                        lambda: ours.cookie_handshakes(seconds),
+                                        lambda: cols.py("cookie-handshake", seconds)], rounds)
+        row("2. handshakes/s with cookie exchange", c_ck, o_ck, p_ck, ">= 0.95x")
+        c_hv, o_hv, p_hv = interleaved([lambda: cols.c("listen", seconds),
+                                        lambda: ours.hello_verify_requests(seconds),
+                                        lambda: cols.py("listen", seconds)], rounds)
+        row("3. HelloVerifyRequests/s (spoofed)", c_hv, o_hv, p_hv, ">= 1.0x")
+        for size in SIZES:
+            c_r, o_r, p_r = interleaved([lambda: cols.c("records", seconds, str(size)),
+                                         lambda: ours.records(seconds, size),
+                                         lambda: cols.py("records", seconds, str(size))], rounds)
+            target = ">= 0.40x" if size > 1000 else ">= 0.30x"
+            row(f"4. records/s {size} B, one per call", c_r, o_r, p_r, target)
+            row(f"   MB/s {size} B, one per call", c_r and c_r * size / 1e6, o_r and o_r * size / 1e6,
+                p_r and p_r * size / 1e6)
+            c_b, o_b = interleaved([lambda: cols.c("records-batch", seconds, str(size)),
+                                    lambda: ours.batch_records(seconds, size)], rounds)
+            row(f"4. records/s {size} B, batch of {BATCH}", c_b, o_b, None, ">= 0.75x")
+        o_keep_rss, o_keep_heap = ours.memory(associations, release=False)
+        o_rel_rss, o_rel_heap = ours.memory(associations, release=True)
+        c_keep = cols.c("memory", associations)
+        c_rel = cols.c("memory", associations, "release")
+        p_keep = cols.py("memory", associations)
+        row(f"5. KB RSS per idle association ({associations:,}), buffers kept",
+            c_keep / 1024, o_keep_rss / 1024, p_keep and p_keep / 1024, "", " KB")
+        row("5. KB RSS per idle association, buffers released", c_rel / 1024, o_rel_rss / 1024, None,
+            "<= 24 KB", " KB")
+        row("   KB malloc'd per association, kept / released", None, None, None,
+            f"{o_keep_heap / 1024:.1f} / {o_rel_heap / 1024:.1f} KB (ours)")
+        elapsed, total_mb, per_peer = ours.server_core_scale(core_peers)
+        rate = core_peers / elapsed
+        row(f"6. {core_peers:,} peers in one server core: handshakes/s", None, rate, None,
+            f">= 0.9x ours ({rate / (o_hs or rate):.2f}x)")
+        row(f"   total RSS MB ({per_peer:.1f} KB per peer)", None, total_mb, None,
+            f"<= {2500 * core_peers / 100_000:,.0f} MB")
+        c1, c2 = interleaved([lambda: cols.c("handshake", seconds, "1"),
+                              lambda: cols.c("handshake", seconds, "2")], rounds)
+        o1, o2 = interleaved([lambda: ours.threaded_handshakes(seconds, 1),
+                              lambda: ours.threaded_handshakes(seconds, 2)], rounds)
+        p2 = cols.py("handshake", seconds, "2")
+        row("7. handshakes/s, 2 threads", c2, o2, p2, "")
+        row("   2 threads / 1 thread (each column)", c2 and c1 and c2 / c1, o2 and o1 and o2 / o1,
+            p2 and p_hs and p2 / p_hs, ">= 1.7x (ours)")
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{width}}  {'C':>11}  {'pydtls_ossl':>11}  {'ratio':>6}  {'pyOpenSSL':>10}  "
+          f"{'ratio':>6}  target")
+    for name, c, o, p, target, unit in rows:
+        ratio_o = ratio(o, c) if c is not None and "KB" not in unit else ""
+        ratio_p = ratio(p, c) if c is not None and "KB" not in unit else ""
+        print(f"{name:<{width}}  {fmt(c, unit):>11}  {fmt(o, unit):>11}  {ratio_o:>6}  "
+              f"{fmt(p, unit):>10}  {ratio_p:>6}  {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
