@@ -194,6 +194,15 @@ extern "Python" unsigned int pd_psk_server_cb(SSL *, const char *, unsigned char
                                               unsigned int);
 """
 
+ALPN_KEYLOG = """
+int SSL_CTX_set_alpn_protos(SSL_CTX *, const unsigned char *, unsigned int);
+void SSL_get0_alpn_selected(const SSL *, const unsigned char **, unsigned int *);
+void pd_ctx_alpn_select(SSL_CTX *, const unsigned char *, unsigned int);
+typedef void (*SSL_CTX_keylog_cb_func)(const SSL *, const char *);
+void SSL_CTX_set_keylog_callback(SSL_CTX *, SSL_CTX_keylog_cb_func);
+extern "Python" void pd_keylog_cb(const SSL *, const char *);
+"""
+
 SRTP = """
 typedef struct {
     const char *name;
@@ -292,7 +301,7 @@ def _source() -> str:
 ffi = FFI()
 ffi.cdef("struct tm { int tm_sec; int tm_min; int tm_hour; int tm_mday; "
          "int tm_mon; int tm_year; ...; };\n"
-         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + SRTP + ENGINE)
+         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

@@ -327,6 +327,36 @@ static int pd_srtp_hello_cb(SSL *s, int *al, void *arg)
     return SSL_CLIENT_HELLO_ERROR;
 }
 
+/* ALPN on a server: pick by the server's own preference (the wire-format list
+ * given here, owned by the caller for the SSL_CTX's life); no overlap is a
+ * no_application_protocol alert, as RFC 7301 §3.2 asks. */
+static int pd_alpn_select_cb(SSL *s, const unsigned char **out, unsigned char *outlen,
+                             const unsigned char *in, unsigned int inlen, void *arg)
+{
+    const unsigned char *ours = arg;
+    unsigned int ours_len = ((unsigned int)ours[0] << 8) | ours[1];
+    const unsigned char *p = ours + 2;
+    unsigned int i, j;
+    (void)s;
+    for (i = 0; i < ours_len; i += 1 + p[i]) {
+        for (j = 0; j < inlen; j += 1 + in[j]) {
+            if (p[i] == in[j] && j + 1 + in[j] <= inlen && memcmp(p + i + 1, in + j + 1, p[i]) == 0) {
+                *out = in + j + 1;
+                *outlen = in[j];
+                return SSL_TLSEXT_ERR_OK;
+            }
+        }
+    }
+    return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
+/* prefixed: 2-byte length, then the wire-format list (length-prefixed names) */
+void pd_ctx_alpn_select(SSL_CTX *ctx, const unsigned char *prefixed, unsigned int len)
+{
+    (void)len;
+    SSL_CTX_set_alpn_select_cb(ctx, pd_alpn_select_cb, (void *)prefixed);
+}
+
 void pd_ctx_require_srtp(SSL_CTX *ctx)
 {
     SSL_CTX_set_client_hello_cb(ctx, pd_srtp_hello_cb, NULL);

@@ -29,14 +29,16 @@ def flush(engine: Dtls, sock: socket.socket) -> int:
     return sent
 
 
-def _wait_and_feed(engine: Dtls, sock: socket.socket, deadline: float) -> int:
-    """Feed one datagram if it arrives before the timer or deadline; drive timers."""
+def _wait_and_feed(engine: Dtls, sock: socket.socket, deadline: float | None) -> int:
+    """Feed one datagram if it arrives before the timer or deadline; drive timers.
+    With no deadline, waits for the peer (or for OpenSSL to give up retransmitting)."""
     now = time.monotonic()
-    if now >= deadline:
+    if deadline is not None and now >= deadline:
         raise TimeoutError("DTLS peer did not answer in time")
     timer = engine.get_timeout()
-    wait = deadline - now if timer is None else min(timer, deadline - now)
-    sock.settimeout(max(wait, 0.0005))
+    limit = None if deadline is None else deadline - now
+    waits = [w for w in (timer, limit) if w is not None]
+    sock.settimeout(max(min(waits), 0.0005) if waits else None)
     try:
         datagram = sock.recv(_MAX_DATAGRAM)
     except (socket.timeout, BlockingIOError):
@@ -50,9 +52,13 @@ def _wait_and_feed(engine: Dtls, sock: socket.socket, deadline: float) -> int:
     return readable
 
 
-def handshake(engine: Dtls, sock: socket.socket, timeout: float = 10.0) -> None:
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def handshake(engine: Dtls, sock: socket.socket, timeout: float | None = 10.0) -> None:
     """Complete the handshake or raise ``HandshakeError``/``TimeoutError``."""
-    deadline = time.monotonic() + timeout
+    deadline = _deadline(timeout)
     engine.handshake()
     flush(engine, sock)
     while not engine.handshake_finished:
@@ -68,9 +74,9 @@ def send(engine: Dtls, sock: socket.socket, data: bytes) -> int:
     return n
 
 
-def receive(engine: Dtls, sock: socket.socket, timeout: float = 10.0) -> bytes:
+def receive(engine: Dtls, sock: socket.socket, timeout: float | None = 10.0) -> bytes:
     """The next record's plaintext; raises ``ConnectionClosed`` at close_notify."""
-    deadline = time.monotonic() + timeout
+    deadline = _deadline(timeout)
     while (data := engine.read()) is None:
         _wait_and_feed(engine, sock, deadline)
     return data

@@ -21,6 +21,7 @@ __all__ = [
     "CertificateSource",
     "FINGERPRINT_ALGORITHMS",
     "certificate_fingerprint",
+    "certificate_summary",
     "fingerprints_equal",
     "format_fingerprint",
     "generate_certificate",
@@ -175,6 +176,19 @@ def x509_to_der(x509: Any) -> bytes:
         return bytes(ffi.buffer(out[0], size))
     finally:
         lib.CRYPTO_free(out[0], b"pydtls_ossl", 0)
+
+
+def _name_text(name: Any) -> str:
+    return _bio_text(lambda bio: lib.X509_NAME_print_ex(bio, name, 0, lib.XN_FLAG_RFC2253)
+                     or 1).decode(errors="replace")
+
+
+def certificate_summary(source: CertificateSource) -> dict[str, str]:
+    """Subject, issuer (RFC 2253 text) and SHA-256 fingerprint of a certificate."""
+    x509 = load_certificates(source)[0]
+    return {"subject": _name_text(lib.X509_get_subject_name(x509)),
+            "issuer": _name_text(lib.X509_get_issuer_name(x509)),
+            "fingerprint": format_fingerprint(x509_digest(x509, "sha-256"))}
 
 
 def certificate_fingerprint(source: CertificateSource, algorithm: str = "sha-256") -> str:

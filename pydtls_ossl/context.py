@@ -19,8 +19,8 @@ from ._errors import ConfigurationError, InternalError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from .certs import (CertificateSource, format_fingerprint, load_certificates,
                     load_private_key, x509_digest)
-from ._psk import ClientPsk, ServerPsk
-from ._psk import install as install_psk
+from ._callbacks import ClientPsk, ServerPsk
+from ._callbacks import install as install_callbacks
 from .srtp import SrtpProfile
 
 __all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DEFAULT_PSK_CIPHERS", "CookieSecret", "DtlsContext", "Verify",
@@ -158,6 +158,11 @@ class DtlsContext:
     level refuses, and only on purpose. ``cookie_secret``
     (bytes or a ``CookieSecret``) is shared by servers that must accept each
     other's cookies; by default each context has its own random one.
+    ``alpn_protocols`` is offered by a client and, on a server, the list it
+    picks from by its own order (no overlap: no_application_protocol).
+    ``keylog`` appends NSS key-log lines to a file so Wireshark can decrypt a
+    capture; without it ``$SSLKEYLOGFILE`` is honoured. Both expose every
+    session key to whoever reads the file.
     """
 
     def __init__(
@@ -181,6 +186,8 @@ class DtlsContext:
         srtp_profiles: Sequence[SrtpProfile | str] | None = None,
         srtp_required: bool = True,
         cookie_secret: bytes | CookieSecret | None = None,
+        alpn_protocols: Sequence[str] | None = None,
+        keylog: str | os.PathLike[str] | None = None,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
@@ -217,14 +224,20 @@ class DtlsContext:
             ciphers = ":".join(suites)
         self.ciphers = ciphers
         self._psk_handle: Any = None
+        self._alpn_select: Any = None
+        self.alpn_protocols = tuple(alpn_protocols or ())
+        keylog_path = keylog if keylog is not None else os.environ.get("SSLKEYLOGFILE") or None
+        self.keylog = open(keylog_path, "ab") if keylog_path is not None else None
         try:
             if security_level is not None:
                 if not 0 <= security_level <= 5:
                     raise ValueError("security_level is 0 to 5")
                 lib.SSL_CTX_set_security_level(ctx, security_level)
             self._configure(ciphers, groups)
-            if psk is not None or psk_keys is not None:
-                self._psk_handle = install_psk(self)
+            if psk is not None or psk_keys is not None or self.keylog is not None:
+                self._psk_handle = install_callbacks(self)
+            if self.alpn_protocols:
+                self._configure_alpn()
             if psk_identity_hint is not None:
                 check(lib.SSL_CTX_use_psk_identity_hint(ctx, psk_identity_hint.encode()),
                       ConfigurationError, "bad psk_identity_hint")
@@ -259,6 +272,18 @@ class DtlsContext:
             mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
         lib.SSL_CTX_set_verify(ctx, mode, ffi.NULL)
 
+    def _configure_alpn(self) -> None:
+        wire = b""
+        for name in self.alpn_protocols:
+            encoded = name.encode()
+            if not 0 < len(encoded) < 256:
+                raise ValueError(f"ALPN protocol names are 1 to 255 bytes: {name!r}")
+            wire += bytes([len(encoded)]) + encoded
+        if lib.SSL_CTX_set_alpn_protos(self._ctx, wire, len(wire)) != 0:  # 0 is success
+            raise ConfigurationError("libssl refused the ALPN list", drain_errors())
+        self._alpn_select = ffi.new("unsigned char[]", len(wire).to_bytes(2, "big") + wire)
+        lib.pd_ctx_alpn_select(self._ctx, self._alpn_select, len(wire))
+
     def _configure_srtp(self) -> None:
         names = ":".join(p.openssl_name for p in self.srtp_profiles)
         if lib.SSL_CTX_set_tlsext_use_srtp(self._ctx, names.encode()) != 0:  # 0 is success
@@ -291,6 +316,29 @@ class DtlsContext:
                       "CA certificate refused")
 
     # ----------------------------------------------------------- queries
+
+    # ------------------------------------------------------------ sockets
+
+    def wrap_socket(self, sock: Any, server_side: bool = False, server_hostname: str | None = None,
+                    expected_peer_fingerprint: str | Sequence[str] | None = None,
+                    do_handshake_on_connect: bool = True) -> Any:
+        """A blocking ``DtlsSocket`` on a UDP socket, in the manner of ``ssl``.
+
+        A connected socket shakes hands at once (unless told not to); otherwise
+        ``connect()`` does. ``server_side=True`` serves the one peer the socket
+        is connected to, with the stateless cookie exchange.
+        """
+        from .engine import Dtls
+        from .sockets import DtlsSocket
+        peer = sock.getpeername() if server_side else None
+        engine = Dtls(is_server=server_side, context=self, server_hostname=server_hostname,
+                      expected_peer_fingerprint=expected_peer_fingerprint, peer_address=peer)
+        return DtlsSocket(sock, engine, do_handshake_on_connect)
+
+    def listen(self, address: Any, **limits: Any) -> Any:
+        """A ``DtlsListener`` bound to ``address``; ``limits`` go to ``DtlsServer``."""
+        from .sockets import DtlsListener
+        return DtlsListener(self, address, **limits)
 
     @property
     def security_level(self) -> int:

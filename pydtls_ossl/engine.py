@@ -16,7 +16,7 @@ from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError
                       ConnectionClosed, DtlsError, FingerprintMismatch, HandshakeError,
                       InternalError)
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
-from ._psk import take_callback_error
+from ._callbacks import take_callback_error
 from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
                     x509_digest, x509_to_der)
 from .context import DtlsContext, Verify, _seconds_to_us, address_parts, check_mtu
@@ -431,6 +431,14 @@ class Dtls:
             return None
         identity = lib.SSL_get_psk_identity(self._conn.ssl)
         return None if identity == ffi.NULL else ffi.string(identity).decode(errors="replace")
+
+    def selected_alpn_protocol(self) -> str | None:
+        """The application protocol ALPN agreed on, or None."""
+        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
+            return None
+        data, size = ffi.new("const unsigned char **"), ffi.new("unsigned int *")
+        lib.SSL_get0_alpn_selected(self._conn.ssl, data, size)
+        return None if size[0] == 0 else bytes(ffi.buffer(data[0], size[0])).decode(errors="replace")
 
     def get_fingerprint(self, algorithm: str = "sha-256") -> str | None:
         """RFC 8122 fingerprint of our own certificate, or None without one."""

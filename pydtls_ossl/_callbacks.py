@@ -1,13 +1,15 @@
-"""Pre-shared keys: the callbacks OpenSSL calls, and how their failures surface.
+"""Callbacks OpenSSL makes into Python: pre-shared keys and key logging.
 
-The callbacks find their ``DtlsContext`` through a weak-reference handle in
-the ``SSL_CTX``'s app data. A Python exception never crosses into OpenSSL: it
-is kept for this thread, the callback returns 0 so the handshake fails, and
-the engine raises a ``HandshakeError`` chained to it.
+They find their ``DtlsContext`` through a weak-reference handle in the
+``SSL_CTX``'s app data. A Python exception never crosses into OpenSSL: a PSK
+callback's is kept for this thread, the callback returns 0 so the handshake
+fails, and the engine raises a ``HandshakeError`` chained to it; a key-log
+write that fails is logged and the handshake goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
@@ -17,7 +19,9 @@ from ._ffi import ffi, lib
 if TYPE_CHECKING:
     from .context import DtlsContext
 
-__all__ = ["ClientPsk", "ServerPsk", "take_callback_error"]
+__all__ = ["ClientPsk", "ServerPsk", "install", "take_callback_error"]
+
+_log = logging.getLogger("pydtls_ossl")
 
 #: A client's (identity, key), or a function of the server's hint returning one.
 ClientPsk = Union[tuple[Union[str, bytes], bytes],
@@ -91,6 +95,17 @@ def pd_psk_server_cb(ssl: Any, identity: Any, psk_out: Any, max_psk: int) -> int
         return 0
 
 
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_keylog_cb(ssl: Any, line: Any) -> None:
+    try:
+        context = _context(ssl)
+        if context is not None and context.keylog is not None:
+            context.keylog.write(ffi.string(line) + b"\n")
+            context.keylog.flush()
+    except Exception:  # a full disk must not fail the handshake
+        _log.exception("pydtls_ossl: cannot write the key log")
+
+
 def install(context: DtlsContext) -> Any:
     """Point the SSL_CTX's callbacks at ``context``; return the handle to keep alive."""
     handle = ffi.new_handle(weakref.ref(context))
@@ -99,4 +114,6 @@ def install(context: DtlsContext) -> Any:
         lib.SSL_CTX_set_psk_client_callback(context.ssl_ctx, lib.pd_psk_client_cb)
     if context.psk_keys is not None:
         lib.SSL_CTX_set_psk_server_callback(context.ssl_ctx, lib.pd_psk_server_cb)
+    if context.keylog is not None:
+        lib.SSL_CTX_set_keylog_callback(context.ssl_ctx, lib.pd_keylog_cb)
     return handle

@@ -1,0 +1,434 @@
+"""asyncio surface: ``await connect(...)`` and ``await serve(handler, ...)``.
+
+Both are ``DatagramProtocol`` drivers of the sans-IO engine and server core:
+feed what arrives, send what is queued, re-arm one ``loop.call_at`` timer.
+Memory stays bounded: a client reads straight from the engine (which keeps at
+most 1 MiB unread), a server connection keeps at most ``max_queued_records``
+unread records and drops newer ones, as a full UDP socket buffer would.
+``send()`` never blocks; ``await drain()`` waits while the transport is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from collections import deque
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from ._errors import ConnectionClosed, DtlsError
+from .context import DtlsContext
+from .engine import Dtls
+from .server import Address, ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer
+from .sockets import peer_certificate_info
+from .srtp import SrtpProfile
+
+__all__ = ["AsyncDtlsConnection", "AsyncDtlsServer", "connect", "serve"]
+
+_log = logging.getLogger("pydtls_ossl")
+
+
+class _Timer:
+    """One re-armable ``call_at`` for whatever sans-IO object owns it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[], None]) -> None:
+        self._loop, self._fire = loop, fire
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float | None) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if seconds is not None:
+            self._handle = self._loop.call_at(self._loop.time() + seconds, self._fire)
+
+    def cancel(self) -> None:
+        self.arm(None)
+
+
+class _FlowControl:
+    """Tracks pause_writing/resume_writing for ``drain()``."""
+
+    def __init__(self) -> None:
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+
+    def pause(self) -> None:
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    async def drain(self) -> None:
+        await self._resumed.wait()
+
+
+class AsyncDtlsConnection:
+    """One association: ``await recv()``, ``send()``, ``async for``, ``await close()``."""
+
+    def __init__(self, engine: Dtls, address: Address, write: Callable[[bytes], int],
+                 close: Callable[[], None], flow: _FlowControl, reads_engine: bool) -> None:
+        self._engine = engine
+        self.address = address
+        self._write = write
+        self._close = close
+        self._reads_engine = reads_engine
+        self._flow = flow
+        self._received: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._ended: BaseException | None = None
+        self.dropped = 0
+
+    # fed by the protocols
+    def _deliver(self, data: bytes, limit: int) -> None:
+        if len(self._received) >= limit:
+            self.dropped += 1
+            return
+        self._received.append(data)
+        self._readable.set()
+
+    def _end(self, error: BaseException) -> None:
+        if self._ended is None:
+            self._ended = error
+        self._readable.set()
+
+    def _next(self) -> bytes | None:
+        if self._received:
+            return self._received.popleft()
+        if self._reads_engine and self._engine.state.name != "CLOSED":
+            return self._engine.read()  # a client reads its engine's bounded queue
+        return None
+
+    async def recv(self) -> bytes:
+        """The next record's plaintext; ``ConnectionClosed`` once the association ends."""
+        while True:
+            try:
+                data = self._next()
+            except DtlsError as exc:
+                self._end(exc)
+                data = None
+            if data is not None:
+                return data
+            if self._ended is not None:
+                if isinstance(self._ended, ConnectionClosed):
+                    raise ConnectionClosed(str(self._ended))
+                raise self._ended
+            self._readable.clear()
+            await self._readable.wait()
+
+    def send(self, data: bytes) -> int:
+        """Send one record now; never blocks (see ``drain()``)."""
+        if self._ended is not None:
+            raise ConnectionClosed(f"association ended: {self._ended}")
+        return self._write(data)
+
+    async def drain(self) -> None:
+        """Wait until the transport is ready for more."""
+        await self._flow.drain()
+
+    async def close(self) -> None:
+        """Send close_notify and end the association."""
+        if self._ended is None:
+            self._close()
+            self._end(ConnectionClosed("the association was closed by close()"))
+        await asyncio.sleep(0)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionClosed:
+                return
+
+    async def __aenter__(self) -> AsyncDtlsConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # introspection, as on the engine
+    def version(self) -> str | None:
+        return self._engine.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._engine.cipher()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return peer_certificate_info(self._engine, binary_form)
+
+    def get_peer_fingerprint(self, algorithm: str = "sha-256") -> str | None:
+        return self._engine.get_peer_fingerprint(algorithm)
+
+    def export_keys(self, label: str, length: int, context: bytes | None = None) -> bytes:
+        return self._engine.export_keys(label, length, context)
+
+    def selected_srtp_profile(self) -> SrtpProfile | None:
+        return self._engine.selected_srtp_profile()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._engine.selected_alpn_protocol()
+
+    def psk_identity(self) -> str | None:
+        return self._engine.psk_identity()
+
+
+# ------------------------------------------------------------------ client
+
+class _ClientProtocol(asyncio.DatagramProtocol):
+    def __init__(self, engine: Dtls, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.transport: asyncio.DatagramTransport | None = None
+        self.handshake_done: asyncio.Future[None] = loop.create_future()
+        self.flow = _FlowControl()
+        self.timer = _Timer(loop, self._on_timer)
+        self.connection: AsyncDtlsConnection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._step(self.engine.handshake)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        readable = self.engine.feed(data)
+        self._step(None)
+        if readable and self.connection is not None:
+            self.connection._readable.set()
+
+    def _step(self, action: Callable[[], Any] | None) -> None:
+        engine = self.engine
+        try:
+            if action is not None:
+                action()
+            if not self.handshake_done.done():
+                if engine.state.name in ("FAILED", "CLOSED", "PEER_CLOSED"):
+                    engine.handshake()  # raises the reason
+                elif engine.is_handshake_finished():
+                    self.handshake_done.set_result(None)
+        except DtlsError as exc:
+            if not self.handshake_done.done():
+                self.handshake_done.set_exception(exc)
+        if self.connection is not None and engine.state.name in ("FAILED", "PEER_CLOSED"):
+            self.connection._readable.set()  # recv() raises the reason
+        self.send_datagrams()
+        self.timer.arm(engine.get_timeout())
+
+    def _on_timer(self) -> None:
+        self._step(self.engine.handle_timeout)
+
+    def send_datagrams(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        while (datagram := self.engine.pull()) is not None:
+            self.transport.sendto(datagram)
+
+    def write(self, data: bytes) -> int:
+        n = self.engine.write(data)
+        self.send_datagrams()
+        return n
+
+    def close(self) -> None:
+        self.engine.close()
+        self.send_datagrams()
+        self.timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def error_received(self, exc: Exception) -> None:
+        _log.debug("DTLS client socket error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(ConnectionClosed("the socket closed"))
+        if self.connection is not None:
+            self.connection._end(ConnectionClosed("the socket closed"))
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+
+
+async def connect(host: str, port: int, *, context: DtlsContext | None = None,
+                  expected_peer_fingerprint: str | list[str] | None = None,
+                  server_hostname: str | None = None, timeout: float | None = 30.0,
+                  local_addr: tuple[str, int] | None = None) -> AsyncDtlsConnection:
+    """Open a UDP socket to ``host:port`` and complete a DTLS handshake.
+
+    Cancelling (or the timeout) closes the socket and frees the association.
+    """
+    loop = asyncio.get_running_loop()
+    engine = Dtls(context=context, expected_peer_fingerprint=expected_peer_fingerprint,
+                  server_hostname=server_hostname)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _ClientProtocol(engine, loop), remote_addr=(host, port), family=family,
+        local_addr=local_addr)
+    try:
+        await asyncio.wait_for(asyncio.shield(protocol.handshake_done), timeout)
+    except BaseException:
+        protocol.close()
+        raise
+    connection = AsyncDtlsConnection(engine, transport.get_extra_info("peername"), protocol.write,
+                                     protocol.close, protocol.flow, reads_engine=True)
+    protocol.connection = connection
+    return connection
+
+
+# ------------------------------------------------------------------ server
+
+class _ServerProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: AsyncDtlsServer) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.server._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.server._core.feed(data, addr)
+        self.server._after_io()
+
+    def error_received(self, exc: Exception) -> None:
+        _log.debug("DTLS server socket error: %s", exc)
+
+    def pause_writing(self) -> None:
+        self.server._flow.pause()
+
+    def resume_writing(self) -> None:
+        self.server._flow.resume()
+
+
+Handler = Callable[[AsyncDtlsConnection], Awaitable[None]]
+
+
+class AsyncDtlsServer:
+    """Serves many peers on one socket; ``handler(connection)`` runs per peer."""
+
+    def __init__(self, handler: Handler, context: DtlsContext, max_queued_records: int,
+                 limits: dict[str, Any]) -> None:
+        self._handler = handler
+        self._core = DtlsServer(context, **limits)
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timer = _Timer(self._loop, self._on_timer)
+        self._flow = _FlowControl()
+        self._connections: dict[Address, AsyncDtlsConnection] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._max_queued = max_queued_records
+        self._closed = asyncio.Event()
+
+    @property
+    def core(self) -> DtlsServer:
+        return self._core
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        return [] if sock is None else [sock]
+
+    @property
+    def address(self) -> Any:
+        assert self._transport is not None
+        return self._transport.get_extra_info("sockname")
+
+    def _after_io(self) -> None:
+        for event in self._core.events():
+            if isinstance(event, ConnectionEstablished):
+                engine = self._core.connection(event.address)
+                assert engine is not None
+                address = event.address
+                conn = AsyncDtlsConnection(engine, address, functools.partial(self._write, address),
+                                           functools.partial(self._close_peer, address),
+                                           self._flow, reads_engine=False)
+                self._connections[address] = conn
+                task = self._loop.create_task(self._run_handler(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(event, DataReceived):
+                connection = self._connections.get(event.address)
+                if connection is not None:
+                    connection._deliver(event.data, self._max_queued)
+            elif isinstance(event, ConnectionTerminated):
+                connection = self._connections.pop(event.address, None)
+                if connection is not None:
+                    connection._end(event.error or ConnectionClosed(event.reason))
+        self._send_datagrams()
+        self._timer.arm(self._core.get_timeout())
+
+    async def _run_handler(self, connection: AsyncDtlsConnection) -> None:
+        try:
+            await self._handler(connection)
+        except (ConnectionClosed, asyncio.CancelledError):
+            pass
+        except Exception:
+            _log.exception("DTLS connection handler for %s failed", connection.address)
+        finally:
+            if not self._closed.is_set():
+                await connection.close()
+
+    def _write(self, address: Address, data: bytes) -> int:
+        n = self._core.send(address, data)
+        self._send_datagrams()
+        return n
+
+    def _close_peer(self, address: Address) -> None:
+        self._core.close(address)
+        self._after_io()
+
+    def _send_datagrams(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        for datagram, address in self._core.datagrams_to_send():
+            self._transport.sendto(datagram, address)
+
+    def _on_timer(self) -> None:
+        self._core.handle_timeout()
+        self._after_io()
+
+    def close(self) -> None:
+        """Close every association with close_notify, stop the handlers and the socket."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._core.close_all()
+        self._after_io()
+        self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def serve_forever(self) -> None:
+        try:
+            await self._closed.wait()
+        finally:
+            self.close()
+
+    async def __aenter__(self) -> AsyncDtlsServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
+                max_queued_records: int = 1024, **limits: Any) -> AsyncDtlsServer:
+    """Serve DTLS on ``host:port`` (IPv4 or IPv6), like ``asyncio.start_server``.
+
+    ``limits`` go to ``DtlsServer`` (``max_handshakes``, ``idle_timeout``, ...).
+    """
+    server = AsyncDtlsServer(handler, context, max_queued_records, limits)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    await server._loop.create_datagram_endpoint(lambda: _ServerProtocol(server),
+                                                local_addr=(host, port), family=family)
+    return server

@@ -1,0 +1,323 @@
+"""Blocking sockets in the manner of Python's ``ssl`` module, on the one engine.
+
+``DtlsContext.wrap_socket(sock)`` turns a UDP socket into a DTLS client
+(``connect``, ``send``, ``recv``, ``settimeout``, ``close``);
+``DtlsContext.listen(address)`` gives a ``DtlsListener`` whose ``accept()``
+returns one ``DtlsConnection`` per peer, served by the sans-IO
+``DtlsServer`` core (stateless cookies and limits included). No DTLS logic
+lives here: these classes only move datagrams and wait on timers.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ._errors import ConnectionClosed
+from ._pump import flush, handshake, receive
+from .context import DtlsContext
+from .engine import Dtls
+from .server import (Address, ConnectionEstablished, ConnectionTerminated, DataReceived,
+                     DtlsServer)
+from .srtp import SrtpProfile
+
+__all__ = ["DtlsConnection", "DtlsListener", "DtlsSocket", "peer_certificate_info"]
+
+_log = logging.getLogger("pydtls_ossl")
+_MAX_DATAGRAM = 65535
+
+
+def peer_certificate_info(engine: Dtls, binary_form: bool = False) -> Any:
+    """``getpeercert()``: DER bytes, or a dict with the subject, issuer and fingerprint."""
+    der = engine.peer_certificate()
+    if der is None or binary_form:
+        return der
+    from .certs import certificate_summary
+    return certificate_summary(der)
+
+
+class _Introspection:
+    """What every DTLS socket-like object answers about its association."""
+
+    _engine: Dtls
+
+    def version(self) -> str | None:
+        return self._engine.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._engine.cipher()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return peer_certificate_info(self._engine, binary_form)
+
+    def get_peer_fingerprint(self, algorithm: str = "sha-256") -> str | None:
+        return self._engine.get_peer_fingerprint(algorithm)
+
+    def export_keys(self, label: str, length: int, context: bytes | None = None) -> bytes:
+        return self._engine.export_keys(label, length, context)
+
+    def selected_srtp_profile(self) -> SrtpProfile | None:
+        return self._engine.selected_srtp_profile()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._engine.selected_alpn_protocol()
+
+    @property
+    def engine(self) -> Dtls:
+        """The sans-IO engine underneath, for everything else."""
+        return self._engine
+
+
+class DtlsSocket(_Introspection):
+    """A DTLS client (or pre-demultiplexed server) on one connected UDP socket.
+
+    Timeouts follow ``socket``: ``settimeout(None)`` blocks (OpenSSL gives up a
+    handshake after its retransmissions), a number raises ``TimeoutError``.
+    """
+
+    def __init__(self, sock: socket.socket, engine: Dtls, do_handshake_on_connect: bool = True) -> None:
+        if sock.type != socket.SOCK_DGRAM:
+            raise ValueError("DTLS needs a SOCK_DGRAM socket")
+        self._sock = sock
+        self._engine = engine
+        self._timeout: float | None = sock.gettimeout()
+        self._do_handshake_on_connect = do_handshake_on_connect
+        self._pending: bytes | None = None
+        try:
+            sock.getpeername()
+            connected = True
+        except OSError:
+            connected = False
+        if connected and do_handshake_on_connect:
+            self.do_handshake()
+
+    def connect(self, address: Address) -> None:
+        self._sock.connect(address)
+        if self._do_handshake_on_connect:
+            self.do_handshake()
+
+    def do_handshake(self) -> None:
+        _log.debug("DTLS handshake with %s", self._sock.getpeername())
+        handshake(self._engine, self._sock, self._timeout)
+        _log.debug("DTLS handshake done: %s %s", self._engine.version(), self._engine.cipher())
+
+    def send(self, data: bytes) -> int:
+        """Send ``data`` as one record (an empty ``data`` sends nothing)."""
+        n = self._engine.write(data)
+        flush(self._engine, self._sock)
+        return n
+
+    sendall = send
+
+    def recv(self, bufsize: int = _MAX_DATAGRAM) -> bytes:
+        """The next record's plaintext. A record longer than ``bufsize`` raises
+        ``ValueError`` and stays queued: nothing is silently truncated."""
+        data = self._pending if self._pending is not None else receive(
+            self._engine, self._sock, self._timeout)
+        if len(data) > bufsize:
+            self._pending = data
+            raise ValueError(f"the next record has {len(data)} bytes, more than bufsize={bufsize}")
+        self._pending = None
+        return data
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def getpeername(self) -> Any:
+        return self._sock.getpeername()
+
+    def getsockname(self) -> Any:
+        return self._sock.getsockname()
+
+    def close(self) -> None:
+        """Send close_notify and close the socket."""
+        try:
+            self._engine.close()
+            flush(self._engine, self._sock)
+        except OSError:
+            pass
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> DtlsSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DtlsListener:
+    """Many peers on one bound UDP socket, served by a ``DtlsServer`` core.
+
+    ``accept()`` returns each peer once its handshake is done. Blocking calls
+    on the listener or on any of its connections take turns driving the
+    socket, so there is no background thread to manage.
+    """
+
+    def __init__(self, context: DtlsContext, address: Address, **limits: Any) -> None:
+        family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self._sock.bind(address)
+        except OSError:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+        self.core = DtlsServer(context, **limits)
+        self._lock = threading.RLock()
+        self._accepted: deque[DtlsConnection] = deque()
+        self._connections: dict[Address, DtlsConnection] = {}
+        self._closed = False
+
+    @property
+    def address(self) -> Any:
+        return self._sock.getsockname()
+
+    def getsockname(self) -> Any:
+        return self._sock.getsockname()
+
+    def accept(self, timeout: float | None = None) -> DtlsConnection:
+        """The next peer whose handshake completed; ``TimeoutError`` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._accepted:
+                    return self._accepted.popleft()
+                if self._closed:
+                    raise ConnectionClosed("the listener is closed")
+                self._pump(deadline)
+
+    def _pump(self, deadline: float | None) -> None:
+        """One turn: wait for a datagram or a timer, process, send what is due."""
+        timer = self.core.get_timeout()
+        waits = [w for w in (timer, None if deadline is None else deadline - time.monotonic(),
+                             0.05) if w is not None]
+        wait = max(0.0, min(waits))
+        if deadline is not None and wait <= 0 and time.monotonic() >= deadline:
+            raise TimeoutError("timed out")
+        readable, _, _ = select.select([self._sock], [], [], wait)
+        if readable:
+            for _ in range(64):  # a burst, but others get their turn
+                try:
+                    datagram, address = self._sock.recvfrom(_MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue  # ICMP errors surface here on some platforms
+                self.core.feed(datagram, address)
+        self.core.handle_timeout()
+        self._route_events()
+        self._send_due()
+
+    def _route_events(self) -> None:
+        for event in self.core.events():
+            if isinstance(event, ConnectionEstablished):
+                engine = self.core.connection(event.address)
+                assert engine is not None
+                connection = DtlsConnection(self, event.address, engine)
+                self._connections[event.address] = connection
+                self._accepted.append(connection)
+            elif isinstance(event, DataReceived):
+                conn = self._connections.get(event.address)
+                if conn is not None:
+                    conn._received.append(event.data)
+            elif isinstance(event, ConnectionTerminated):
+                conn = self._connections.pop(event.address, None)
+                if conn is not None:
+                    conn._terminated = event
+
+    def _send_due(self) -> None:
+        for datagram, address in self.core.datagrams_to_send():
+            try:
+                self._sock.sendto(datagram, address)
+            except (BlockingIOError, InterruptedError):
+                _log.debug("send buffer full: dropped a datagram to %s", address)
+
+    def close(self) -> None:
+        """Close every association (close_notify) and the socket."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.core.close_all()
+            self._route_events()
+            self._send_due()
+            self._sock.close()
+
+    def __enter__(self) -> DtlsListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DtlsConnection(_Introspection):
+    """One peer of a ``DtlsListener``."""
+
+    def __init__(self, listener: DtlsListener, address: Address, engine: Dtls) -> None:
+        self._listener = listener
+        self.address = address
+        self._engine = engine
+        self._received: deque[bytes] = deque()
+        self._terminated: ConnectionTerminated | None = None
+        self._timeout: float | None = None
+
+    def getpeername(self) -> Any:
+        return self.address
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def send(self, data: bytes) -> int:
+        with self._listener._lock:
+            if self._terminated is not None:
+                raise ConnectionClosed(f"association ended: {self._terminated.reason}")
+            n = self._listener.core.send(self.address, data)
+            self._listener._send_due()
+            return n
+
+    sendall = send
+
+    def recv(self, bufsize: int = _MAX_DATAGRAM) -> bytes:
+        """The next record from this peer; ``ConnectionClosed`` once it is gone."""
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            with self._listener._lock:
+                if self._received:
+                    if len(self._received[0]) > bufsize:
+                        raise ValueError(f"the next record has {len(self._received[0])} bytes, "
+                                         f"more than bufsize={bufsize}")
+                    return self._received.popleft()
+                if self._terminated is not None:
+                    error = self._terminated.error
+                    raise ConnectionClosed(f"association ended: {self._terminated.reason}") from error
+                if self._listener._closed:
+                    raise ConnectionClosed("the listener is closed")
+                self._listener._pump(deadline)
+
+    def close(self) -> None:
+        with self._listener._lock:
+            if self._terminated is None and not self._listener._closed:
+                self._listener.core.close(self.address)
+                self._listener._route_events()
+                self._listener._send_due()
+
+    def __enter__(self) -> DtlsConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
