@@ -271,6 +271,7 @@ async def connect(host: str, port: int, *, context: DtlsContext | None = None,
     try:
         await asyncio.wait_for(asyncio.shield(protocol.handshake_done), timeout)
     except BaseException:
+        protocol.handshake_done.cancel()  # nobody will wait for it now
         protocol.close()
         raise
     connection = AsyncDtlsConnection(engine, transport.get_extra_info("peername"), protocol.write,
