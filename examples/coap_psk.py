@@ -1,7 +1,7 @@
 """A CoAP-shaped exchange over DTLS with a pre-shared key (RFC 7252 §9).
 
-A gateway (``DtlsServer``, one UDP socket on 127.0.0.1) and a sensor (one
-``Dtls`` client) authenticate with a PSK and use TLS_PSK_WITH_AES_128_CCM_8,
+A gateway (a ``DtlsListener``, one UDP socket on 127.0.0.1) and a sensor (a
+blocking DTLS socket) authenticate with a PSK and use TLS_PSK_WITH_AES_128_CCM_8,
 CoAP's mandatory-to-implement suite. Each request is a 4-byte CoAP header
 (confirmable GET, message ID) and a payload; each answer an ACK with 2.05
 Content.
@@ -15,9 +15,7 @@ import socket
 import struct
 import threading
 
-from pydtls_ossl import Dtls, DtlsContext
-from pydtls_ossl._pump import handshake, receive, send, serve
-from pydtls_ossl.server import ConnectionEstablished, DataReceived, DtlsServer, ServerEvent
+from pydtls_ossl import DtlsContext
 
 IDENTITY = "sensor-0042"
 KEY = bytes.fromhex("5e9c2f1a7b3d4c8e6f0a1b2c3d4e5f60")
@@ -37,39 +35,38 @@ def coap_response(request: bytes) -> bytes:
     return struct.pack("!BBH", 0x60, 0x45, message_id) + b"\xff" + body
 
 
+def serve_gateway(context: DtlsContext, ready: threading.Event, address: list[object]) -> None:
+    """The gateway: a DTLS listener answering every CoAP request of one sensor."""
+    with context.listen(("127.0.0.1", 0)) as listener:
+        address.append(listener.address)
+        ready.set()
+        connection = listener.accept(timeout=10)
+        print(f"gateway: {connection.engine.psk_identity()} joined from port {connection.address[1]}")
+        for _ in READINGS:
+            connection.send(coap_response(connection.recv()))
+
+
 def main() -> int:
-    gateway = DtlsServer(DtlsContext(psk_keys={IDENTITY: KEY}, psk_identity_hint="gateway",
-                                     ciphers=SUITE))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    answered: list[int] = []
-
-    def on_event(event: ServerEvent) -> None:
-        if isinstance(event, ConnectionEstablished):
-            print(f"gateway: {event.psk_identity} joined from port {event.address[1]}")
-        elif isinstance(event, DataReceived):
-            gateway.send(event.address, coap_response(event.data))
-            answered.append(1)
-
-    thread = threading.Thread(target=serve, args=(gateway, sock, on_event,
-                                                  lambda: len(answered) == len(READINGS)))
-    thread.start()
-    sensor = Dtls(context=DtlsContext(psk=(IDENTITY, KEY), ciphers=SUITE))
+    gateway_ctx = DtlsContext(psk_keys={IDENTITY: KEY}, psk_identity_hint="gateway", ciphers=SUITE)
+    ready, address = threading.Event(), []
+    gateway = threading.Thread(target=serve_gateway, args=(gateway_ctx, ready, address))
+    gateway.start()
+    ready.wait(10)
+    sensor_ctx = DtlsContext(psk=(IDENTITY, KEY), ciphers=SUITE)
     ok = True
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client_sock:
-        client_sock.connect(sock.getsockname())
-        handshake(sensor, client_sock)
-        print(f"sensor: {sensor.cipher()[0]} with PSK identity {sensor.psk_identity()}")  # type: ignore[index]
+    with sensor_ctx.wrap_socket(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as sensor:
+        sensor.settimeout(10)
+        sensor.connect(address[0])
+        print(f"sensor: {sensor.cipher()[0]} with PSK identity {sensor.engine.psk_identity()}")
         for message_id, path in enumerate(READINGS, start=0x1200):
-            send(sensor, client_sock, coap_request(message_id, path))
-            answer = receive(sensor, client_sock)
+            sensor.send(coap_request(message_id, path))
+            answer = sensor.recv()
             version_type, code, answered_id = struct.unpack("!BBH", answer[:4])
             good = (version_type, code, answered_id) == (0x60, 0x45, message_id)
             ok &= good and answer[5:] == READINGS[path]
             print(f"sensor: GET {path} -> 2.05 {answer[5:].decode()} "
                   f"(mid 0x{answered_id:04x}{'' if good else ' MISMATCH'})")
-    thread.join(10)
-    sock.close()
+    gateway.join(10)
     print("all readings received" if ok else "EXCHANGE FAILED")
     return 0 if ok else 1
 

@@ -12,8 +12,14 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def block_with(marker: str) -> str:
+    found = [block for block in python_blocks() if marker in block]
+    assert len(found) == 1, f"exactly one README block uses {marker!r}"
+    return found[0]
+
+
 def test_readme_tour_runs(capsys: object) -> None:
-    tour = python_blocks()[0]
+    tour = block_with("def pump(")
     assert "export_keys" in tour
     exec(compile(tour, "README.md", "exec"), {})
     out = capsys.readouterr().out  # type: ignore[attr-defined]
@@ -27,8 +33,8 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 def test_readme_webrtc_snippet_runs() -> None:
-    webrtc = python_blocks()[2]
-    assert "srtp_keys" in webrtc and "classify" in webrtc
+    webrtc = block_with("classify(datagram)")
+    assert "srtp_keys" in webrtc
     namespace: dict[str, object] = {}
     exec(compile(webrtc, "README.md", "exec"), namespace)
     on_datagram = namespace["on_datagram"]
@@ -38,10 +44,24 @@ def test_readme_webrtc_snippet_runs() -> None:
 
 def test_readme_psk_snippet_runs() -> None:
     from .helpers import Pair
-    psk = python_blocks()[3]
-    assert "psk_keys" in psk
+    psk = block_with("psk_identity_hint")
     namespace: dict[str, object] = {}
     exec(compile(psk, "README.md", "exec"), namespace)
     pair = Pair(namespace["sensor"], namespace["gateway"])  # type: ignore[arg-type]
     pair.handshake()
     assert pair.server.psk_identity() == "sensor-0042"
+
+
+def test_readme_asyncio_snippet_runs(tmp_path: Path, monkeypatch: object) -> None:
+    import asyncio
+
+    from pydtls_ossl import generate_certificate
+    generate_certificate("localhost").write(tmp_path / "cert.pem", tmp_path / "key.pem")
+    monkeypatch.chdir(tmp_path)  # type: ignore[attr-defined]
+    namespace: dict[str, object] = {}
+    exec(compile(block_with("aio.serve"), "README.md", "exec"), namespace)
+    asyncio.run(namespace["main"]())  # type: ignore[operator]
+
+
+def test_readme_socket_snippet_compiles() -> None:
+    compile(block_with("wrap_socket"), "README.md", "exec")
