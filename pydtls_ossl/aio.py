@@ -21,8 +21,7 @@ from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
 from .server import Address, ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer
-from .sockets import peer_certificate_info
-from .srtp import SrtpProfile
+from .sockets import Introspection
 
 __all__ = ["AsyncDtlsConnection", "AsyncDtlsServer", "connect", "serve"]
 
@@ -64,7 +63,7 @@ class _FlowControl:
         await self._resumed.wait()
 
 
-class AsyncDtlsConnection:
+class AsyncDtlsConnection(Introspection):
     """One association: ``await recv()``, ``send()``, ``async for``, ``await close()``."""
 
     def __init__(self, engine: Dtls, address: Address, write: Callable[[bytes], int],
@@ -149,31 +148,6 @@ class AsyncDtlsConnection:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    # introspection, as on the engine
-    def version(self) -> str | None:
-        return self._engine.version()
-
-    def cipher(self) -> tuple[str, str, int] | None:
-        return self._engine.cipher()
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return peer_certificate_info(self._engine, binary_form)
-
-    def get_peer_fingerprint(self, algorithm: str = "sha-256") -> str | None:
-        return self._engine.get_peer_fingerprint(algorithm)
-
-    def export_keys(self, label: str, length: int, context: bytes | None = None) -> bytes:
-        return self._engine.export_keys(label, length, context)
-
-    def selected_srtp_profile(self) -> SrtpProfile | None:
-        return self._engine.selected_srtp_profile()
-
-    def selected_alpn_protocol(self) -> str | None:
-        return self._engine.selected_alpn_protocol()
-
-    def psk_identity(self) -> str | None:
-        return self._engine.psk_identity()
 
 
 # ------------------------------------------------------------------ client

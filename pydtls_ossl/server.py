@@ -148,20 +148,8 @@ class DtlsServer:
         """Process one datagram received from ``address``. Never raises for its content."""
         peer = self._peers.get(address)
         if peer is None:
-            # A stranger: one C call answers a cookieless hello; nothing is kept.
-            if type(address) is tuple:
-                host, port = address[0].encode(), address[1]
-            else:
-                host, port = address_parts(address)
-            r = _pd_cookie_hello(self._cookies.keys(), host, len(host), port, datagram,
-                                 len(datagram), self._hvr)
-            if r > 0:
-                self._stateless.append((_unpack(self._hvr_chars, r), address))
-                self._hello_verify_requests += 1
-            elif r == _HELLO_VALID:
+            if self._cookie_check(datagram, address):
                 self._admit_stranger(datagram, address)
-            else:
-                self._stats.dropped += 1
             return
         if peer.replacement is not None:
             self._feed_replacement(peer, datagram)
@@ -187,8 +175,12 @@ class DtlsServer:
             self._dirty.append(peer)
 
     def _cookie_check(self, datagram: bytes, address: Address) -> bool:
-        """True for a hello with a valid cookie; otherwise answer or drop it statelessly."""
-        host, port = address_parts(address)
+        """True for a hello with a valid cookie; otherwise answer it with a
+        HelloVerifyRequest or drop it, in one C call that keeps nothing."""
+        if type(address) is tuple:
+            host, port = address[0].encode(), address[1]
+        else:
+            host, port = address_parts(address)
         r = _pd_cookie_hello(self._cookies.keys(), host, len(host), port, datagram,
                              len(datagram), self._hvr)
         if r > 0:

@@ -26,7 +26,7 @@ from .server import (Address, ConnectionEstablished, ConnectionTerminated, DataR
                      DtlsServer)
 from .srtp import SrtpProfile
 
-__all__ = ["DtlsConnection", "DtlsListener", "DtlsSocket", "peer_certificate_info"]
+__all__ = ["DtlsConnection", "DtlsListener", "DtlsSocket", "Introspection", "peer_certificate_info"]
 
 _log = logging.getLogger("pydtls_ossl")
 _MAX_DATAGRAM = 65535
@@ -41,7 +41,7 @@ def peer_certificate_info(engine: Dtls, binary_form: bool = False) -> Any:
     return certificate_summary(der)
 
 
-class _Introspection:
+class Introspection:
     """What every DTLS socket-like object answers about its association."""
 
     _engine: Dtls
@@ -67,13 +67,16 @@ class _Introspection:
     def selected_alpn_protocol(self) -> str | None:
         return self._engine.selected_alpn_protocol()
 
+    def psk_identity(self) -> str | None:
+        return self._engine.psk_identity()
+
     @property
     def engine(self) -> Dtls:
         """The sans-IO engine underneath, for everything else."""
         return self._engine
 
 
-class DtlsSocket(_Introspection):
+class DtlsSocket(Introspection):
     """A DTLS client (or pre-demultiplexed server) on one connected UDP socket.
 
     Timeouts follow ``socket``: ``settimeout(None)`` blocks (OpenSSL gives up a
@@ -262,7 +265,7 @@ class DtlsListener:
         self.close()
 
 
-class DtlsConnection(_Introspection):
+class DtlsConnection(Introspection):
     """One peer of a ``DtlsListener``."""
 
     def __init__(self, listener: DtlsListener, address: Address, engine: Dtls) -> None:
