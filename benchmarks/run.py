@@ -349,9 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
         rows: list[tuple[str, float | None, float | None, float | None, str, str]] = []
 
+        started = time.perf_counter()
+
         def row(name: str, c: float | None, ours_v: float | None, py: float | None,
                 target: str = "", unit: str = "") -> None:
             rows.append((name, c, ours_v, py, target, unit))
+            print(f"  [{time.perf_counter() - started:6.1f} s] measured: {name.strip()}",
+                  file=sys.stderr, flush=True)
 
         c_hs, o_hs, p_hs = interleaved([lambda: cols.c("handshake", seconds, "1"),
                                         lambda: ours.handshakes(seconds),
