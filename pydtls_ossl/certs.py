@@ -179,8 +179,8 @@ def x509_to_der(x509: Any) -> bytes:
 
 
 def _name_text(name: Any) -> str:
-    return _bio_text(lambda bio: lib.X509_NAME_print_ex(bio, name, 0, lib.XN_FLAG_RFC2253)
-                     or 1).decode(errors="replace")
+    return _bio_text(lambda bio: lib.X509_NAME_print_ex(bio, name, 0, lib.XN_FLAG_RFC2253),
+                     may_be_empty=True).decode(errors="replace")
 
 
 def certificate_summary(source: CertificateSource) -> dict[str, str]:
@@ -198,9 +198,11 @@ def certificate_fingerprint(source: CertificateSource, algorithm: str = "sha-256
 
 # --------------------------------------------------------------- generation
 
-def _bio_text(write: Any) -> bytes:
+def _bio_text(write: Any, may_be_empty: bool = False) -> bytes:
     bio = ffi.gc(check_ptr(lib.BIO_new(lib.BIO_s_mem()), InternalError, "BIO_new"), lib.BIO_free)
-    check(write(bio), InternalError, "PEM write")
+    written = write(bio)
+    if written < 0 or (written == 0 and not may_be_empty):
+        raise InternalError("writing to a memory BIO failed", drain_errors())
     ptr = ffi.new("char **")
     size = lib.BIO_get_mem_data(bio, ptr)
     return bytes(ffi.buffer(ptr[0], size))

@@ -70,18 +70,12 @@ def test_asyncio_client_with_peer_server(kind: str, pem: tuple[str, str], certs:
         connection = await aio.connect("127.0.0.1", port, context=DtlsContext(),
                                        expected_peer_fingerprint=certs.server.fingerprint())
         async with connection:
-            reply: list[bytes] = []
-
-            def recv() -> bytes:
-                return reply[0]
-
             connection.send(b"surface says hi\n")
             if kind == "openssl":
                 await asyncio.to_thread(peer.wait_for, "surface says hi")
                 peer.send_line("s_server says hi")
-            reply.append(await asyncio.wait_for(connection.recv(), 10))
             expected = b"s_server says hi\n" if kind == "openssl" else b"surface says hi\n"
-            assert recv() == expected
+            assert await asyncio.wait_for(connection.recv(), 10) == expected
 
     with peer_server(kind, port, pem) as peer:
         asyncio.run(main(peer))
