@@ -11,6 +11,8 @@
  *   bench_c version - CERT KEY
  *
  * Each prints one line "rate=<per second>" (or "bytes=<per association>").
+ * SECONDS may be "nCOUNT": run exactly COUNT operations (a multiple of the
+ * loop's batch: 20 handshakes, 1,000 records or hellos, 1,024 batched records).
  * Cookies are HMAC-SHA256 over ~100 bytes with precomputed pad states, as the
  * library computes them, so DTLSv1_listen is measured doing the same work.
  * Profile: DTLS 1.2, ECDHE-ECDSA-AES128-GCM-SHA256, groups X25519:P-256,
@@ -37,6 +39,14 @@ static double now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* "n500" instead of SECONDS runs exactly 500 operations (for instruction counts). */
+static long limit_count = 0;
+
+static int more(long done, double end)
+{
+    return limit_count ? done < limit_count : now() < end;
 }
 
 static void die(const char *what)
@@ -129,7 +139,7 @@ static void *handshake_loop(void *arg)
     work_t *w = arg;
     double end = now() + w->seconds;
     w->count = 0;
-    while (now() < end) {
+    while (more(w->count, end)) {
         int i;
         for (i = 0; i < 20; i++) {
             end_t c, s;
@@ -156,7 +166,7 @@ static void records(double seconds, size_t size)
     handshake(&c, &s);
     start = now();
     end = start + seconds;
-    while (now() < end) {
+    while (more(count, end)) {
         int i;
         for (i = 0; i < 1000; i++) {
             char dgram[2048];
@@ -233,7 +243,7 @@ static void listen_loop(double seconds)
     SSL_set_options(s.ssl, SSL_OP_COOKIE_EXCHANGE);
     start = now();
     end = start + seconds;
-    while (now() < end) {
+    while (more(count, end)) {
         int i;
         for (i = 0; i < 1000; i++) {
             char reply[512];
@@ -255,7 +265,7 @@ static void cookie_handshake_loop(double seconds)
     BIO_ADDR *peer = BIO_ADDR_new();
     long count = 0;
     double start = now(), end = start + seconds;
-    while (now() < end) {
+    while (more(count, end)) {
         int i;
         for (i = 0; i < 20; i++) {
             end_t c, s;
@@ -300,7 +310,7 @@ static void records_batch(double seconds, size_t size)
     handshake(&c, &s);
     start = now();
     end = start + seconds;
-    while (now() < end) {
+    while (more(count, end)) {
         int i, r;
         for (r = 0; r < 16; r++) {
             int n, off = 0, got = 0;
@@ -371,7 +381,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: bench_c MODE SECONDS CERT KEY [ARG]\n");
         return 2;
     }
-    seconds = atof(argv[2]);
+    if (argv[2][0] == 'n') {
+        limit_count = atol(argv[2] + 1);
+        seconds = 1e9;
+    } else {
+        seconds = atof(argv[2]);
+    }
     server_ctx = make_ctx(argv[3], argv[4]);
     client_ctx = make_ctx(argv[3], NULL);
     cookie_key();

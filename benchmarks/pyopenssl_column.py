@@ -4,7 +4,7 @@ with ``bio_write``/``bio_read`` and ``DTLS_METHOD``, as a pyOpenSSL user writes 
 Run by ``run.py`` under whichever interpreter has pyOpenSSL (Debian's
 ``python3-openssl`` uses the system libssl; a pip wheel brings its own):
 
-    python pyopenssl_column.py METRIC SECONDS CERT KEY [ARG]
+    python pyopenssl_column.py METRIC SECONDS CERT KEY [ARG]   (SECONDS may be nCOUNT)
 
 Prints one line ``rate=...`` or ``bytes=...``; ``version`` prints the libssl.
 """
@@ -20,6 +20,11 @@ import time
 from OpenSSL import SSL
 
 CIPHER = b"ECDHE-ECDSA-AES128-GCM-SHA256"
+LIMIT = 0  # "nCOUNT" instead of SECONDS: exactly COUNT operations
+
+
+def more(done: int, end: float) -> bool:
+    return done < LIMIT if LIMIT else time.perf_counter() < end
 MTU = 1200
 SECRET = b"k" * 32
 
@@ -74,7 +79,7 @@ def handshake(client: SSL.Connection, server: SSL.Connection) -> None:
 
 def handshake_loop(sctx: SSL.Context, cctx: SSL.Context, seconds: float) -> int:
     count, end = 0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while more(count, end):
         for _ in range(10):
             handshake(connection(cctx, False), connection(sctx, True))
             count += 1
@@ -100,7 +105,12 @@ def listen(server: SSL.Connection) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    metric, seconds, cert, key = argv[0], float(argv[1]), argv[2], argv[3]
+    global LIMIT
+    metric, cert, key = argv[0], argv[2], argv[3]
+    if argv[1].startswith("n"):
+        LIMIT, seconds = int(argv[1][1:]), 1e9
+    else:
+        seconds = float(argv[1])
     arg = argv[4] if len(argv) > 4 else None
     if metric == "version":
         print("version=" + SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode())
@@ -123,7 +133,7 @@ def main(argv: list[str]) -> None:
     elif metric == "cookie-handshake":
         with_cookies(sctx)
         count, end = 0, start + seconds
-        while time.perf_counter() < end:
+        while more(count, end):
             client, server = connection(cctx, False), connection(sctx, True)
             while True:
                 step(client)
@@ -143,7 +153,7 @@ def main(argv: list[str]) -> None:
         hello = client.bio_read(65536)
         server = connection(sctx, True)
         count, end = 0, start + seconds
-        while time.perf_counter() < end:
+        while more(count, end):
             for _ in range(1000):
                 server.bio_write(hello)
                 listen(server)
@@ -156,7 +166,7 @@ def main(argv: list[str]) -> None:
         handshake(client, server)
         data, count, end = b"x" * size, 0, start + seconds
         send, bio_read, bio_write, recv = client.send, client.bio_read, server.bio_write, server.recv
-        while time.perf_counter() < end:
+        while more(count, end):
             for _ in range(1000):
                 send(data)
                 bio_write(bio_read(65536))

@@ -62,11 +62,15 @@ def malloc_in_use() -> int:
         return 0
 
 
+#: Set by --count-child: run exactly this many operations instead of for a time.
+COUNT_LIMIT = 0
+
+
 def timed_rate(body: Callable[[], int], seconds: float) -> float:
     """Run ``body`` (returns units done) until ``seconds`` pass; units per second."""
     done, start = 0, time.perf_counter()
     end = start + seconds
-    while time.perf_counter() < end:
+    while (done < COUNT_LIMIT) if COUNT_LIMIT else (time.perf_counter() < end):
         done += body()
     return done / (time.perf_counter() - start)
 
@@ -226,6 +230,57 @@ class Ours:
         return elapsed, rss() / 1e6, (rss() - before) / count / 1024
 
 
+INSTRUCTION_METRICS = [  # (label, C mode and args, our method and args, pyOpenSSL metric, n1, n2)
+    ("full handshake", "handshake", ["1"], "handshakes", [], "handshake", 20, 60),
+    ("handshake with cookie exchange", "cookie-handshake", [], "cookie_handshakes", [],
+     "cookie-handshake", 20, 60),
+    ("HelloVerifyRequest", "listen", [], "hello_verify_requests", [], "listen", 2000, 6000),
+    ("record 100 B, one per call", "records", ["100"], "records", ["100"], "records", 2000, 6000),
+    ("record 1163 B, one per call", "records", ["1163"], "records", ["1163"], "records", 2000,
+     6000),
+    ("record 100 B, batch", "records-batch", ["100"], "batch_records", ["100"], "", 2048, 6144),
+    ("record 1163 B, batch", "records-batch", ["1163"], "batch_records", ["1163"], "", 2048, 6144),
+]
+
+
+def callgrind_total(command: list[str], workdir: Path) -> int:
+    out = workdir / "callgrind.out"
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
+                   capture_output=True, check=True)
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError("no instruction total in callgrind output")
+
+
+def instructions(cols: Columns, workdir: Path) -> None:
+    """Instructions per operation under callgrind: repeatable where wall clocks drift."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind")
+    cert, key = str(cols.cert), str(cols.key)
+    print(f"{'instructions per operation':<32}  {'C':>12}  {'pydtls_ossl':>12}  {'ratio':>6}  "
+          f"{'pyOpenSSL':>12}  {'ratio':>6}")
+    for label, c_mode, c_args, ours, ours_args, py_metric, n1, n2 in INSTRUCTION_METRICS:
+        commands = {
+            "c": lambda n: [str(cols.c_binary), c_mode, f"n{n}", cert, key, *c_args],
+            "ours": lambda n: [sys.executable, __file__, "--count-child", ours, str(n), cert, key,
+                               *ours_args],
+        }
+        if cols.pyopenssl is not None and py_metric:
+            python = cols.pyopenssl[0]
+            commands["py"] = lambda n: [python, str(HERE / "pyopenssl_column.py"), py_metric,
+                                        f"n{n}", cert, key, *ours_args]
+        per_op = {}
+        for column, command in commands.items():
+            totals = [callgrind_total(command(n), workdir) for n in (n1, n2)]
+            per_op[column] = (totals[1] - totals[0]) / (n2 - n1)
+            print(f"  [{label}: {column} done]", file=sys.stderr, flush=True)
+        c, o, p = per_op["c"], per_op["ours"], per_op.get("py")
+        print(f"{label:<32}  {c:>12,.0f}  {o:>12,.0f}  {c / o:>5.2f}x  "
+              f"{fmt(p):>12}  {(f'{c / p:.2f}x' if p else 'n/a'):>6}")
+    print("ratio = C instructions / column instructions (1.00x: as lean as the C loop)")
+
+
 def memory_in_child(count: int, release: bool) -> tuple[float, float]:
     """Measure in a fresh process, so memory freed by other rows is not reused."""
     out = subprocess.run([sys.executable, __file__, "--memory-child", str(count),
@@ -316,8 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="seconds per measurement round")
     parser.add_argument("--associations", type=int, help="associations for the memory rows")
     parser.add_argument("--core-peers", type=int, help="peers for the server-core scale row")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per operation under callgrind instead of timing")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--count-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.count_child:
+        global COUNT_LIMIT
+        method, count, cert_path, key_path, *extra = args.count_child
+        COUNT_LIMIT = int(count)
+        ours = Ours(Path(cert_path).read_bytes(), Path(key_path).read_bytes())
+        getattr(ours, method)(1e9, *(int(e) for e in extra))
+        return 0
     if args.memory_child:
         cert = generate_certificate("bench.pydtls")
         rss_per, heap_per = Ours(cert.cert_pem, cert.key_pem).memory(
@@ -332,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         cols = Columns(Path(tmp))
+        if args.instructions:
+            instructions(cols, Path(tmp))
+            return 0
         ours = cols.ours
         if cols.c_binary is None:
             print("no C compiler found: the C column is n/a", file=sys.stderr)
