@@ -272,9 +272,9 @@ int pd_feed(pd_conn *, const unsigned char *, size_t);
 long pd_pull(pd_conn *);
 int pd_write(pd_conn *, const char *, size_t);
 long pd_read(pd_conn *);
-long pd_write_batch(pd_conn *, const char *, const size_t *, size_t, char *, size_t *, size_t *);
-long pd_feed_batch(pd_conn *, const unsigned char *, const size_t *, size_t);
-long pd_read_all(pd_conn *, char *, size_t *);
+long pd_write_batch(pd_conn *, const char *, const size_t *, size_t, size_t *, size_t *);
+long pd_feed_read(pd_conn *, const unsigned char *, const size_t *, size_t, char *, size_t,
+                  size_t *, int *);
 double pd_get_timeout(pd_conn *);
 int pd_handle_timeout(pd_conn *);
 void pd_shutdown(pd_conn *);

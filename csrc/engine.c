@@ -825,14 +825,17 @@ long pd_read(pd_conn *c)
 /* Batch hot paths: one call for many records, to spare per-call overhead. */
 
 /* Encrypt n payloads (concatenated in buf, sizes in lens) as n records, then
- * pack the queued records into datagrams of at most mtu bytes in out (room
- * for total + n * (13 + 64) + mtu); ends[i] is where datagram i ends. Returns
- * the number of datagrams, or <0 (PD_ERR_TOO_BIG: lens[*failed] too big). */
+ * pack every queued record into datagrams of at most mtu bytes. They lie back
+ * to back in the output run: c->data points at the first, ends[i] is where
+ * datagram i ends (room for n + c->out_len / 13 + 1), valid until the next
+ * call on c. Returns the number of datagrams, or <0 (PD_ERR_TOO_BIG:
+ * lens[*failed] too big; the payloads before it stay queued). */
 long pd_write_batch(pd_conn *c, const char *buf, const size_t *lens, size_t n,
-                    char *out, size_t *ends, size_t *failed)
+                    size_t *ends, size_t *failed)
 {
     size_t i, off = 0, used = 0;
     long count = 0, got;
+    const char *first = NULL;
     for (i = 0; i < n; i++) {
         int r = pd_write(c, buf + off, lens[i]);
         if (r < 0) {
@@ -842,39 +845,91 @@ long pd_write_batch(pd_conn *c, const char *buf, const size_t *lens, size_t n,
         off += lens[i];
     }
     while ((got = pd_pull(c)) > 0) {
-        memcpy(out + used, c->data, (size_t)got);
+        if (first == NULL)
+            first = c->data;
         used += (size_t)got;
         ends[count++] = used;
     }
+    c->data = first;
     return got < 0 ? got : count;
 }
 
-/* Feed n datagrams (concatenated in buf, sizes in lens). Returns how many
- * records are readable, or PD_ERR_SSL if one ended the association. */
-long pd_feed_batch(pd_conn *c, const unsigned char *buf, const size_t *lens, size_t n)
-{
-    size_t i, off = 0;
-    for (i = 0; i < n; i++) {
-        int r = pd_feed(c, buf + off, lens[i]);
-        if (r == PD_ERR_SSL)
-            return r;
-        off += lens[i];
-    }
-    return (long)c->plain_count;
-}
-
 /* Move every queued plaintext record into out (room for c->plain_bytes);
- * ends[i] is where record i ends. Returns the number of records. */
-long pd_read_all(pd_conn *c, char *out, size_t *ends)
+ * ends[i] is where record i ends, counting from base. Returns the count. */
+static long pd_read_all(pd_conn *c, char *out, size_t *ends, size_t base)
 {
     size_t used = 0;
     long count = 0, n;
     while ((n = pd_read(c)) >= 0) {
         memcpy(out + used, c->data, (size_t)n);
         used += (size_t)n;
-        ends[count++] = used;
+        ends[count++] = base + used;
     }
     return count;
+}
+
+/* Feed n datagrams (concatenated in buf, sizes in lens) and move every record
+ * now readable into out, in order: those queued by earlier calls first, then
+ * the new ones, which an established association decrypts straight into out
+ * (no queue, no extra copy). out has room for c->plain_bytes plus the
+ * datagrams' total size, so each SSL_read_ex gets at least the rest of the
+ * ciphertext as room and never cuts a record; ends[i] is where record i ends
+ * (room for c->plain_count + total / 16 + n + 1). Returns the number of
+ * records; *failed is 1 when a datagram ended the association (the records
+ * before it are in out). */
+long pd_feed_read(pd_conn *c, const unsigned char *buf, const size_t *lens, size_t n,
+                  char *out, size_t out_cap, size_t *ends, int *failed)
+{
+    size_t i, off = 0, used = 0;
+    long k = pd_read_all(c, out, ends, 0);
+    if (k > 0)
+        used = ends[k - 1];
+    *failed = 0;
+    for (i = 0; i < n; off += lens[i], i++) {
+        const unsigned char *d = buf + off;
+        size_t len = lens[i];
+        if (c->state != PD_STATE_ESTABLISHED || len == 0 || pd_is_new_hello(d, len)
+                || !pd_restore_buffers(c)) {
+            int r = pd_feed(c, d, len);
+            k += pd_read_all(c, out + used, ends + k, used);
+            if (k > 0)
+                used = ends[k - 1];
+            if (r == PD_ERR_SSL) {
+                *failed = 1;
+                return k;
+            }
+            continue;
+        }
+        c->in_ptr = d;
+        c->in_len = len;
+        for (;;) {
+            size_t got = 0;
+            int r = SSL_read_ex(c->ssl, out + used, out_cap - used, &got);
+            if (r == 1) {
+                used += got;
+                ends[k++] = used;
+                if (c->in_ptr == NULL && !SSL_has_pending(c->ssl))
+                    break;
+                continue;
+            }
+            r = pd_error(c, 0);
+            if (r == SSL_ERROR_WANT_READ)
+                break;
+            if (r == SSL_ERROR_ZERO_RETURN) {
+                c->state = PD_STATE_PEER_CLOSED;
+                SSL_shutdown(c->ssl);
+                break;
+            }
+            c->ssl_error = r;
+            c->state = PD_STATE_FAILED;
+            c->in_ptr = NULL;
+            *failed = 1;
+            return k;
+        }
+        c->in_ptr = NULL;
+    }
+    pd_clear_errors(); /* dropped records may have left reasons behind */
+    return k;
 }
 
 /* Seconds until a retransmission is due, or -1 when no timer runs. */

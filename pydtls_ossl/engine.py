@@ -59,7 +59,6 @@ _ERR_SSL = lib.PD_ERR_SSL
 _ERR_OVERSIZE = lib.PD_ERR_OVERSIZE
 _CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
 _scratch = ffi.new_allocator(should_clear_after_alloc=False)  # filled by C before use
-_RECORD_OVERHEAD = 13 + 64  # header plus the most a cipher adds (CBC: IV, MAC, padding)
 
 
 def _split(blob_ptr: Any, ends_ptr: Any, count: int) -> list[bytes]:
@@ -68,7 +67,12 @@ def _split(blob_ptr: Any, ends_ptr: Any, count: int) -> list[bytes]:
         return []
     ends: list[int] = ffi.unpack(ends_ptr, count)
     blob: bytes = _unpack(blob_ptr, ends[-1])
-    return list(map(blob.__getitem__, map(slice, [0, *ends[:-1]], ends)))
+    parts: list[bytes] = []
+    append, start = parts.append, 0
+    for end in ends:  # a plain loop: half the cost of map(slice, ...) per record
+        append(blob[start:end])
+        start = end
+    return parts
 
 
 def _pins(expected: str | Sequence[str] | None) -> list[tuple[str, bytes]]:
@@ -232,12 +236,11 @@ class Dtls:
         conn = self._conn
         joined = b"".join(payloads)
         sizes = ffi.new("size_t[]", list(map(len, payloads)))
-        out = _scratch("char[]", len(joined) + n * _RECORD_OVERHEAD + conn.out_len + conn.mtu)
         ends = _scratch("size_t[]", n + conn.out_len // 13 + 1)
         failed = ffi.new("size_t *")
-        count: int = lib.pd_write_batch(conn, joined, sizes, n, out, ends, failed)
+        count: int = lib.pd_write_batch(conn, joined, sizes, n, ends, failed)
         if count >= 0:
-            return _split(out, ends, count)
+            return _split(conn.data, ends, count)  # the datagrams, back to back
         if count == _ERR_TOO_BIG:
             raise ValueError(f"payload {failed[0]} ({len(payloads[failed[0]])} bytes) exceeds "
                              f"the {self.max_write_size} one record can carry at MTU {conn.mtu}")
@@ -252,17 +255,19 @@ class Dtls:
         Like ``feed()`` it never raises for what the peer sent.
         """
         conn = self._conn
-        if datagrams:
-            joined = b"".join(datagrams)
-            sizes = ffi.new("size_t[]", list(map(len, datagrams)))
-            if lib.pd_feed_batch(conn, joined, sizes, len(datagrams)) == _ERR_SSL:
-                self._dead_error()
-        count = conn.plain_count
-        if count == 0:
+        n = len(datagrams)
+        joined = b"".join(datagrams)
+        sizes = ffi.new("size_t[]", list(map(len, datagrams))) if n else ffi.NULL
+        room = conn.plain_bytes + len(joined)
+        if n == 0 and conn.plain_count == 0:
             return []
-        out = _scratch("char[]", conn.plain_bytes)
-        ends = _scratch("size_t[]", count)
-        return _split(out, ends, lib.pd_read_all(conn, out, ends))
+        out = _scratch("char[]", room or 1)
+        ends = _scratch("size_t[]", conn.plain_count + len(joined) // 16 + n + 1)
+        failed = ffi.new("int *")
+        count: int = lib.pd_feed_read(conn, joined, sizes, n, out, room, ends, failed)
+        if failed[0]:
+            self._dead_error()  # drain the queue now; later calls raise it
+        return _split(out, ends, count)
 
     # ----------------------------------------------------------- handshake
 
