@@ -506,24 +506,43 @@ static void pd_fail(pd_conn *c, int ret)
     c->state = PD_STATE_FAILED;
 }
 
+/* Decrypt the next record into buf (room for the whole record). 1: a record
+ * of *got bytes; 0: nothing more for now, or the peer closed (the state says
+ * which); -1: the association failed. */
+static int pd_next_record(pd_conn *c, void *buf, size_t room, size_t *got)
+{
+    int r;
+    if (SSL_read_ex(c->ssl, buf, room, got) == 1)
+        return 1;
+    r = pd_error(c, 0);
+    if (r == SSL_ERROR_WANT_READ)
+        return 0;
+    if (r == SSL_ERROR_ZERO_RETURN) {
+        c->state = PD_STATE_PEER_CLOSED;
+        SSL_shutdown(c->ssl);
+        return 0;
+    }
+    c->ssl_error = r;
+    c->state = PD_STATE_FAILED;
+    return -1;
+}
+
+/* Whether another record may be waiting: skips the read that would only say no. */
+static int pd_more_input(pd_conn *c)
+{
+    return c->in_ptr != NULL || c->in_head != NULL || SSL_has_pending(c->ssl);
+}
+
 /* Read every complete record now available into the plaintext queue. */
 static int pd_read_records(pd_conn *c)
 {
     int count = 0;
-    for (;;) {
-        size_t got = 0;
-        int r = SSL_read_ex(c->ssl, pd_scratch, sizeof(pd_scratch), &got);
-        if (r == 1) {
-            pd_node *n;
-            if (c->plain_bytes + got > c->plain_limit) {
-                c->plain_dropped++;
-                continue;
-            }
-            n = pd_node_new(pd_scratch, got);
-            if (n == NULL) {
-                c->plain_dropped++;
-                continue;
-            }
+    size_t got = 0;
+    while (pd_next_record(c, pd_scratch, sizeof(pd_scratch), &got) == 1) {
+        pd_node *n;
+        if (c->plain_bytes + got > c->plain_limit || (n = pd_node_new(pd_scratch, got)) == NULL) {
+            c->plain_dropped++;
+        } else {
             if (c->plain_tail)
                 c->plain_tail->next = n;
             else
@@ -532,21 +551,9 @@ static int pd_read_records(pd_conn *c)
             c->plain_count++;
             c->plain_bytes += got;
             count++;
-            if (c->in_ptr == NULL && c->in_head == NULL && !SSL_has_pending(c->ssl))
-                break; /* nothing left to decrypt: skip the call that says so */
-            continue;
         }
-        r = pd_error(c, 0);
-        if (r == SSL_ERROR_WANT_READ)
+        if (!pd_more_input(c))
             break;
-        if (r == SSL_ERROR_ZERO_RETURN) {
-            c->state = PD_STATE_PEER_CLOSED;
-            SSL_shutdown(c->ssl);
-            break;
-        }
-        c->ssl_error = r;
-        c->state = PD_STATE_FAILED;
-        break;
     }
     return count;
 }
@@ -904,27 +911,18 @@ long pd_feed_read(pd_conn *c, const unsigned char *buf, const size_t *lens, size
         c->in_len = len;
         for (;;) {
             size_t got = 0;
-            int r = SSL_read_ex(c->ssl, out + used, out_cap - used, &got);
-            if (r == 1) {
-                used += got;
-                ends[k++] = used;
-                if (c->in_ptr == NULL && !SSL_has_pending(c->ssl))
-                    break;
-                continue;
+            int r = pd_next_record(c, out + used, out_cap - used, &got);
+            if (r < 0) {
+                c->in_ptr = NULL;
+                *failed = 1;
+                return k;
             }
-            r = pd_error(c, 0);
-            if (r == SSL_ERROR_WANT_READ)
+            if (r == 0)
                 break;
-            if (r == SSL_ERROR_ZERO_RETURN) {
-                c->state = PD_STATE_PEER_CLOSED;
-                SSL_shutdown(c->ssl);
+            used += got;
+            ends[k++] = used;
+            if (!pd_more_input(c))
                 break;
-            }
-            c->ssl_error = r;
-            c->state = PD_STATE_FAILED;
-            c->in_ptr = NULL;
-            *failed = 1;
-            return k;
         }
         c->in_ptr = NULL;
     }
