@@ -19,9 +19,7 @@ CRYPTO = """
 unsigned long OpenSSL_version_num(void);
 const char *OpenSSL_version(int);
 #define OPENSSL_VERSION ...
-void *CRYPTO_malloc(size_t, const char *, int);
 void CRYPTO_free(void *, const char *, int);
-int CRYPTO_memcmp(const void *, const void *, size_t);
 """
 
 ERR = """
@@ -30,8 +28,6 @@ unsigned long ERR_get_error_all(const char **, int *, const char **,
 unsigned long ERR_peek_error(void);
 void ERR_clear_error(void);
 void ERR_error_string_n(unsigned long, char *, size_t);
-const char *ERR_lib_error_string(unsigned long);
-const char *ERR_reason_error_string(unsigned long);
 #define ERR_TXT_STRING ...
 """
 
@@ -54,7 +50,6 @@ const EVP_MD *EVP_sha256(void);
 void EVP_PKEY_free(EVP_PKEY *);
 EVP_PKEY *EVP_EC_gen(const char *);
 EVP_PKEY *EVP_RSA_gen(unsigned int);
-int i2d_PrivateKey(const EVP_PKEY *, unsigned char **);
 EVP_PKEY *d2i_AutoPrivateKey(EVP_PKEY **, const unsigned char **, long);
 """
 
@@ -70,7 +65,6 @@ typedef ... ASN1_INTEGER;
 typedef ... ASN1_TIME;
 ASN1_INTEGER *BN_to_ASN1_INTEGER(const BIGNUM *, ASN1_INTEGER *);
 void ASN1_INTEGER_free(ASN1_INTEGER *);
-int ASN1_TIME_to_tm(const ASN1_TIME *, struct tm *);
 """
 
 X509 = """
@@ -81,7 +75,6 @@ typedef ... X509_EXTENSION;
 typedef struct { ...; } X509V3_CTX;
 X509 *X509_new(void);
 void X509_free(X509 *);
-int X509_up_ref(X509 *);
 int X509_set_version(X509 *, long);
 int X509_set_serialNumber(X509 *, ASN1_INTEGER *);
 ASN1_TIME *X509_getm_notBefore(const X509 *);
@@ -133,7 +126,6 @@ SSL_CTX *SSL_CTX_new(const SSL_METHOD *);
 void SSL_CTX_free(SSL_CTX *);
 uint64_t SSL_CTX_set_options(SSL_CTX *, uint64_t);
 int SSL_CTX_set_min_proto_version(SSL_CTX *, int);
-int SSL_CTX_set_max_proto_version(SSL_CTX *, int);
 int SSL_CTX_set_cipher_list(SSL_CTX *, const char *);
 int SSL_CTX_set1_groups_list(SSL_CTX *, const char *);
 long SSL_CTX_set_session_cache_mode(SSL_CTX *, long);
@@ -141,11 +133,9 @@ void SSL_CTX_set_verify(SSL_CTX *, int, void *);
 int SSL_CTX_use_certificate(SSL_CTX *, X509 *);
 int SSL_CTX_use_PrivateKey(SSL_CTX *, EVP_PKEY *);
 int SSL_CTX_add1_chain_cert(SSL_CTX *, X509 *);
-int SSL_CTX_check_private_key(const SSL_CTX *);
 X509 *SSL_CTX_get0_certificate(const SSL_CTX *);
 int SSL_CTX_load_verify_locations(SSL_CTX *, const char *, const char *);
 X509_STORE *SSL_CTX_get_cert_store(const SSL_CTX *);
-void SSL_CTX_set_verify_depth(SSL_CTX *, int);
 int SSL_set1_host(SSL *, const char *);
 long SSL_set_tlsext_host_name(SSL *, char *);
 const char *SSL_get_version(const SSL *);
@@ -154,12 +144,10 @@ const char *SSL_CIPHER_get_name(const SSL_CIPHER *);
 const char *SSL_CIPHER_get_version(const SSL_CIPHER *);
 int SSL_CIPHER_get_bits(const SSL_CIPHER *, int *);
 X509 *SSL_get0_peer_certificate(const SSL *);
-X509 *SSL_get_certificate(const SSL *);
 long SSL_get_verify_result(const SSL *);
 int SSL_session_reused(const SSL *);
 int SSL_export_keying_material(SSL *, unsigned char *, size_t, const char *,
                                size_t, const unsigned char *, size_t, int);
-const char *SSL_alert_desc_string_long(int);
 #define DTLS1_2_VERSION ...
 #define SSL_OP_NO_RENEGOTIATION ...
 #define SSL_OP_NO_COMPRESSION ...
@@ -169,8 +157,6 @@ const char *SSL_alert_desc_string_long(int);
 #define SSL_VERIFY_NONE ...
 #define SSL_VERIFY_PEER ...
 #define SSL_VERIFY_FAIL_IF_NO_PEER_CERT ...
-#define SSL_ERROR_SSL ...
-#define SSL_ERROR_SYSCALL ...
 """
 
 PSK = """
@@ -221,15 +207,11 @@ ENGINE = """
 #define PD_STATE_CLOSED ...
 #define PD_ERR_SSL ...
 #define PD_ERR_TOO_BIG ...
-#define PD_ERR_STATE ...
-#define PD_ERR_NOMEM ...
 #define PD_ERR_OVERSIZE ...
 #define PD_NEW_HELLO ...
 #define PD_HVR_LEN ...
 #define PD_HELLO_VALID ...
-#define PD_HELLO_DROP ...
 #define PD_MAX_PINS ...
-#define PD_MAX_PLAINTEXT ...
 typedef struct pd_conn {
     SSL *ssl;
     int state;
@@ -246,7 +228,6 @@ typedef struct pd_conn {
     const char *data;
     size_t plain_count;
     size_t plain_bytes;
-    size_t plain_limit;
     unsigned long long plain_dropped;
     size_t out_len;
     ...;
@@ -283,7 +264,7 @@ int pd_release_buffers(pd_conn *);
 
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
-           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h", "time.h")
+           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h")
 
 
 def _source() -> str:
@@ -299,9 +280,7 @@ def _source() -> str:
 
 
 ffi = FFI()
-ffi.cdef("struct tm { int tm_sec; int tm_min; int tm_hour; int tm_mday; "
-         "int tm_mon; int tm_year; ...; };\n"
-         + CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE)
+ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),
