@@ -223,6 +223,7 @@ typedef struct pd_conn {
     int buffers_released;
     int require_srtp;
     int srtp_refused;
+    int compact;
     unsigned int mtu;
     size_t max_plaintext;
     const char *data;
@@ -260,6 +261,16 @@ double pd_get_timeout(pd_conn *);
 int pd_handle_timeout(pd_conn *);
 void pd_shutdown(pd_conn *);
 int pd_release_buffers(pd_conn *);
+int pd_export(pd_conn *, unsigned char *, size_t, const char *, size_t,
+              const unsigned char *, size_t, int);
+const char *pd_version(pd_conn *);
+const SSL_CIPHER *pd_cipher(pd_conn *);
+const SRTP_PROTECTION_PROFILE *pd_srtp_profile(pd_conn *);
+int pd_session_reused(pd_conn *);
+const char *pd_psk_identity(pd_conn *);
+unsigned int pd_alpn(pd_conn *, const unsigned char **);
+int pd_peer_der(pd_conn *, const unsigned char **);
+int pd_compact(pd_conn *);
 """
 
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
@@ -274,7 +285,7 @@ def _source() -> str:
         '#error "pydtls_ossl needs OpenSSL 3.0 or newer"\n'
         "#endif\n"
     )
-    sources = "".join((HERE / "csrc" / name).read_text() for name in ("cookie.c", "engine.c"))
+    sources = "".join((HERE / "csrc" / name).read_text() for name in ("cookie.c", "engine.c", "records.c"))
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 

@@ -32,6 +32,7 @@
 #define PD_RECORD_HEADER 13
 #define PD_MAX_PLAINTEXT 16384
 #define PD_MAX_PINS 8
+#define PD_MAX_EARLY 32
 
 typedef struct pd_node {
     struct pd_node *next;
@@ -83,7 +84,31 @@ typedef struct pd_conn {
     unsigned char peer[64];
     size_t peer_len;
     unsigned int peer_port;
+    /* the engine's own record layer (records.c), once the handshake is done */
+    int compact;                     /* hand the records over when it finishes */
+    struct pd_rl *rl;                /* set once handed over; ssl is then NULL */
+    unsigned long long sent_next[2]; /* next sequence number at epochs 0 and 1 */
+    pd_node *early;                  /* protected records received before then */
+    int early_count;
 } pd_conn;
+
+/* Where pd_rl_feed puts application data: the plaintext queue (no sink),
+ * or (batch) straight into the caller's buffer. */
+typedef struct pd_sink {
+    char *out;
+    size_t cap, used;
+    size_t *ends;
+    long count;
+} pd_sink;
+struct pd_rl;
+static int pd_records_init(void);
+static void pd_rl_free(struct pd_rl *rl);
+static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *sink);
+static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len);
+static void pd_rl_alert(pd_conn *c, int level, int description);
+static void pd_note_sent(pd_conn *c, const unsigned char *r);
+static void pd_retain_early(pd_conn *c, const unsigned char *d, size_t n);
+static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len);
 
 static BIO_METHOD *pd_bio_method = NULL;
 
@@ -94,7 +119,7 @@ static inline void pd_clear_errors(void)
         ERR_clear_error();
 }
 static int pd_ex_index = -1;
-static __thread unsigned char pd_scratch[PD_MAX_PLAINTEXT];
+static __thread unsigned char pd_scratch[PD_MAX_PLAINTEXT + 64]; /* a record's plaintext, or a whole protected one */
 
 /* A closed engine points here, so every call on it is a cheap no-op. */
 static pd_conn pd_dead = {
@@ -123,7 +148,8 @@ static void pd_nodes_free(pd_node *n)
 
 /* ---------------------------------------------------------------- BIO */
 
-static int pd_out_append(pd_conn *c, const void *in, size_t len)
+/* Room for len more bytes at the end of the output run. */
+static int pd_out_reserve(pd_conn *c, size_t len)
 {
     size_t need = c->out_len + len;
     if (c->out_off + need > c->out_cap) {
@@ -143,6 +169,13 @@ static int pd_out_append(pd_conn *c, const void *in, size_t len)
             c->out_cap = cap;
         }
     }
+    return 1;
+}
+
+static int pd_out_append(pd_conn *c, const void *in, size_t len)
+{
+    if (!pd_out_reserve(c, len))
+        return 0;
     memcpy(c->out + c->out_off + c->out_len, in, len);
     c->out_len += len;
     return 1;
@@ -369,7 +402,7 @@ int pd_init(void)
     if (pd_bio_method != NULL)
         return 1;
     pd_ex_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
-    if (pd_ex_index < 0)
+    if (pd_ex_index < 0 || !pd_records_init())
         return 0;
     pd_bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK,
                                  "pydtls_ossl datagram");
@@ -393,6 +426,8 @@ void pd_conn_free(pd_conn *c)
     if (c == NULL || c == &pd_dead)
         return;
     SSL_free(c->ssl);
+    pd_rl_free(c->rl);
+    pd_nodes_free(c->early);
     pd_nodes_free(c->in_head);
     pd_nodes_free(c->plain_head);
     free(c->taken);
@@ -471,7 +506,7 @@ void pd_verify_peer(pd_conn *c, int accept_any)
 /* Any SSL call may write (retransmits, alerts): restore released buffers. */
 static int pd_restore_buffers(pd_conn *c)
 {
-    if (!c->buffers_released)
+    if (!c->buffers_released || c->ssl == NULL)
         return 1;
     if (!SSL_alloc_buffers(c->ssl))
         return 0;
@@ -560,10 +595,12 @@ static int pd_read_records(pd_conn *c)
 
 static int pd_handshake_step(pd_conn *c)
 {
+    size_t before = c->out_len, flight;
     int r;
     c->state = PD_STATE_HANDSHAKING;
     r = SSL_do_handshake(c->ssl);
     if (r == 1) {
+        flight = c->out_len - before;
         if (c->require_srtp && SSL_get_selected_srtp_profile(c->ssl) == NULL) {
             c->srtp_refused = 1; /* the server ignored our use_srtp offer */
             c->ssl_error = SSL_ERROR_SSL;
@@ -575,6 +612,11 @@ static int pd_handshake_step(pd_conn *c)
         c->max_plaintext = DTLS_get_data_mtu(c->ssl);
         if (c->max_plaintext > PD_MAX_PLAINTEXT)
             c->max_plaintext = PD_MAX_PLAINTEXT;
+        pd_read_records(c); /* what came with, or before, the peer's Finished */
+        if (c->compact && c->state == PD_STATE_ESTABLISHED && !pd_more_input(c))
+            pd_handover(c, before, flight);
+        pd_nodes_free(c->early);
+        c->early = NULL;
         return 1;
     }
     r = SSL_get_error(c->ssl, r);
@@ -595,10 +637,8 @@ int pd_handshake(pd_conn *c)
     if (c->state > PD_STATE_ESTABLISHED)
         return c->state == PD_STATE_FAILED ? PD_ERR_SSL : PD_ERR_STATE;
     ERR_clear_error();
-    if (pd_handshake_step(c) == 1) {
-        pd_read_records(c);
+    if (pd_handshake_step(c) == 1)
         return 1;
-    }
     return c->state == PD_STATE_FAILED ? PD_ERR_SSL : 0;
 }
 
@@ -678,11 +718,7 @@ int pd_accept_hello(pd_conn *c, const unsigned char *data, size_t len)
     SSL_set_mtu(c->ssl, c->mtu); /* DTLSv1_listen forgets it */
     r = pd_handshake_step(c);
     pd_listen_cookie_ok = 0;
-    if (r < 0)
-        return PD_ERR_SSL;
-    if (c->state == PD_STATE_ESTABLISHED)
-        pd_read_records(c);
-    return 0;
+    return r < 0 ? PD_ERR_SSL : 0;
 }
 
 void pd_set_cookie_peer(pd_conn *c, const pd_cookie_keys *keys, const unsigned char *addr,
@@ -718,6 +754,7 @@ static int pd_is_new_hello(const unsigned char *d, size_t n)
  * or PD_ERR_SSL when this datagram ended the association. */
 int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
 {
+    size_t queued = c->plain_count;
     int count = 0;
     if (len == 0 || c->state > PD_STATE_ESTABLISHED)
         return 0;
@@ -725,6 +762,10 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         return 0; /* a client that has not said hello expects nothing */
     if (c->state == PD_STATE_ESTABLISHED && pd_is_new_hello(data, len))
         return PD_NEW_HELLO;
+    if (c->rl != NULL) {
+        count = (int)pd_rl_feed(c, data, len, NULL);
+        return c->state == PD_STATE_FAILED ? PD_ERR_SSL : count;
+    }
     if (c->state == PD_STATE_NEW && c->cookies != NULL)
         return pd_feed_cookie(c, data, len);
     if (c->state != PD_STATE_ESTABLISHED && !pd_plausible(data, len))
@@ -734,11 +775,14 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
     c->in_ptr = data;
     c->in_len = len;
     if (c->state != PD_STATE_ESTABLISHED) {
+        if (c->compact)
+            pd_retain_early(c, data, len);
         ERR_clear_error(); /* the handshake path reads the queue: start clean */
         pd_handshake_step(c);
-    }
-    if (c->state == PD_STATE_ESTABLISHED)
+        count = (int)(c->plain_count - queued);
+    } else {
         count = pd_read_records(c);
+    }
     if (c->in_ptr != NULL) {
         pd_node *n = c->state <= PD_STATE_ESTABLISHED ? pd_node_new(data, len) : NULL;
         c->in_ptr = NULL;
@@ -769,6 +813,8 @@ long pd_pull(pd_conn *c)
             + (((size_t)p[take + 11] << 8) | (size_t)p[take + 12]);
         if (rec > avail - take)
             break;
+        if (c->compact && c->rl == NULL)
+            pd_note_sent(c, p + take);
         if (take + rec > c->mtu) {
             if (take == 0) {
                 c->out_off += rec;
@@ -799,6 +845,8 @@ int pd_write(pd_conn *c, const char *data, size_t len)
         return PD_ERR_TOO_BIG;
     if (len == 0)
         return 0;
+    if (c->rl != NULL)
+        return pd_rl_seal(c, SSL3_RT_APPLICATION_DATA, data, len);
     if (!pd_restore_buffers(c))
         return PD_ERR_NOMEM;
     r = SSL_write_ex(c->ssl, data, len, &written);
@@ -895,7 +943,19 @@ long pd_feed_read(pd_conn *c, const unsigned char *buf, const size_t *lens, size
     for (i = 0; i < n; off += lens[i], i++) {
         const unsigned char *d = buf + off;
         size_t len = lens[i];
-        if (c->state != PD_STATE_ESTABLISHED || len == 0 || pd_is_new_hello(d, len)
+        if (c->rl != NULL && c->state == PD_STATE_ESTABLISHED && len != 0
+                && !pd_is_new_hello(d, len)) {
+            pd_sink sink = { out, out_cap, used, ends, k };
+            pd_rl_feed(c, d, len, &sink);
+            k = sink.count;
+            used = sink.used;
+            if (c->state == PD_STATE_FAILED) {
+                *failed = 1;
+                return k;
+            }
+            continue;
+        }
+        if (c->rl != NULL || c->state != PD_STATE_ESTABLISHED || len == 0 || pd_is_new_hello(d, len)
                 || !pd_restore_buffers(c)) {
             int r = pd_feed(c, d, len);
             k += pd_read_all(c, out + used, ends + k, used);
@@ -963,6 +1023,13 @@ int pd_handle_timeout(pd_conn *c)
 /* Queue close_notify when the association is up; the engine is then closed. */
 void pd_shutdown(pd_conn *c)
 {
+    if (c->rl != NULL) {
+        if (c->state == PD_STATE_ESTABLISHED)
+            pd_rl_alert(c, SSL3_AL_WARNING, SSL_AD_CLOSE_NOTIFY);
+        if (c->state != PD_STATE_FAILED)
+            c->state = PD_STATE_CLOSED;
+        return;
+    }
     if (c->ssl == NULL)
         return;
     if (c->state == PD_STATE_ESTABLISHED && pd_restore_buffers(c)) {
@@ -978,9 +1045,9 @@ void pd_shutdown(pd_conn *c)
  * pd_write restores them (OpenSSL 3.0 crashes writing without them). */
 int pd_release_buffers(pd_conn *c)
 {
-    if (c->ssl == NULL || c->state != PD_STATE_ESTABLISHED)
+    if (c->state != PD_STATE_ESTABLISHED || (c->ssl == NULL && c->rl == NULL))
         return 0;
-    if (!SSL_free_buffers(c->ssl)) {
+    if (c->ssl != NULL && !SSL_free_buffers(c->ssl)) {
         ERR_clear_error();
         return 0;
     }

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from ._errors import ConfigurationError, InternalError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
@@ -163,6 +163,13 @@ class DtlsContext:
     ``keylog`` appends NSS key-log lines to a file so Wireshark can decrypt a
     capture; without it ``$SSLKEYLOGFILE`` is honoured. Both expose every
     session key to whoever reads the file.
+
+    ``record_layer="engine"`` (the default): once a handshake with an AEAD
+    suite (AES-GCM, ChaCha20-Poly1305) finishes, the engine protects records
+    itself with OpenSSL's AEAD and frees the SSL object, as kernel TLS does:
+    ~3 KB instead of ~35 KB per established association and fewer
+    instructions per record. ``"openssl"`` keeps libssl's record layer for
+    the association's life (as do suites the engine does not carry).
     """
 
     def __init__(
@@ -188,9 +195,13 @@ class DtlsContext:
         cookie_secret: bytes | CookieSecret | None = None,
         alpn_protocols: Sequence[str] | None = None,
         keylog: str | os.PathLike[str] | None = None,
+        record_layer: Literal["engine", "openssl"] = "engine",
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
+        if record_layer not in ("engine", "openssl"):
+            raise ValueError(f"record_layer must be 'engine' or 'openssl', got {record_layer!r}")
+        self.record_layer = record_layer
         self.mtu = check_mtu(mtu)
         self.initial_rto_us = _seconds_to_us(initial_rto, "initial_rto")
         self.max_rto_us = _seconds_to_us(max_rto, "max_rto")

@@ -17,8 +17,8 @@ from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError
                       InternalError)
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from ._callbacks import take_callback_error
-from .certs import (CertificateSource, digest_for, format_fingerprint, parse_fingerprint,
-                    x509_digest, x509_to_der)
+from .certs import (CertificateSource, certificate_fingerprint, digest_for, parse_fingerprint,
+                    x509_to_der)
 from .context import DtlsContext, Verify, _seconds_to_us, address_parts, check_mtu
 from .srtp import SRTP_EXPORTER_LABEL, SrtpKeys, SrtpProfile, split_srtp_keying_material
 
@@ -58,6 +58,8 @@ _ERR_TOO_BIG = lib.PD_ERR_TOO_BIG
 _ERR_SSL = lib.PD_ERR_SSL
 _ERR_OVERSIZE = lib.PD_ERR_OVERSIZE
 _CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48})
+_RESERVED_LABELS = frozenset({b"client finished", b"server finished", b"master secret",
+                              b"extended master secret", b"key expansion"})
 _scratch = ffi.new_allocator(should_clear_after_alloc=False)  # filled by C before use
 
 
@@ -133,6 +135,7 @@ class Dtls:
         self._conn = ffi.gc(check_ptr(conn, ConfigurationError, "cannot create the association"),
                             lib.pd_conn_free)
         conn.require_srtp = int(context.srtp_required)
+        conn.compact = int(context.record_layer == "engine")
         if peer_address is not None:
             if not is_server:
                 raise ValueError("peer_address (cookie exchange) is for servers")
@@ -364,29 +367,41 @@ class Dtls:
 
     # -------------------------------------------------------- introspection
 
-    def _ssl(self) -> Any:
+    def _live(self) -> Any:
         conn = self._conn
         if conn is _DEAD:
             raise self._dead_error()
-        return conn.ssl
+        return conn
 
-    def _established_ssl(self) -> Any:
-        ssl = self._ssl()
-        if self._conn.state != _ESTABLISHED:
+    def _established(self) -> Any:
+        conn = self._live()
+        if conn.state != _ESTABLISHED:
             raise ValueError("the handshake has not finished")
-        return ssl
+        return conn
+
+    def _after_handshake(self) -> Any:
+        """The association once established (even if closed by the peer since), or None."""
+        conn = self._conn
+        if conn is _DEAD or not conn.max_plaintext:
+            return None
+        return conn
+
+    @property
+    def record_layer(self) -> str:
+        """'engine' once the engine's own record layer carries the records, else 'openssl'."""
+        return "engine" if self._conn is not _DEAD and lib.pd_compact(self._conn) else "openssl"
 
     def version(self) -> str | None:
         """Negotiated protocol, e.g. 'DTLSv1.2', or None before the handshake."""
-        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
+        conn = self._after_handshake()
+        if conn is None:
             return None
-        return str(ffi.string(lib.SSL_get_version(self._conn.ssl)).decode())
+        return str(ffi.string(lib.pd_version(conn)).decode())
 
     def cipher(self) -> tuple[str, str, int] | None:
         """(name, protocol, secret bits) like ``ssl.SSLSocket.cipher()``, or None."""
-        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
-            return None
-        c = lib.SSL_get_current_cipher(self._conn.ssl)
+        conn = self._after_handshake()
+        c = ffi.NULL if conn is None else lib.pd_cipher(conn)
         if c == ffi.NULL:
             return None
         return (ffi.string(lib.SSL_CIPHER_get_name(c)).decode(),
@@ -394,38 +409,41 @@ class Dtls:
                 int(lib.SSL_CIPHER_get_bits(c, ffi.NULL)))
 
     def session_reused(self) -> bool:
-        return self._conn is not _DEAD and bool(lib.SSL_session_reused(self._conn.ssl))
+        return self._conn is not _DEAD and bool(lib.pd_session_reused(self._conn))
 
     def export_keys(self, label: str | bytes, length: int, context: bytes | None = None) -> bytes:
         """RFC 5705 keying material; DTLS-SRTP uses label 'EXTRACTOR-dtls_srtp'.
 
         ``context=None`` and ``context=b''`` are different inputs, as the RFC says.
         """
-        ssl = self._established_ssl()
+        conn = self._established()
         if not 0 < length <= 65535:
             raise ValueError("length must be from 1 to 65535")
         label_bytes = label.encode("ascii") if isinstance(label, str) else bytes(label)
-        out = ffi.new("unsigned char[]", length)
+        if label_bytes in _RESERVED_LABELS:
+            raise ValueError(f"{label_bytes.decode()!r} is reserved by TLS (RFC 5705 §4)")
         ctx_bytes = b"" if context is None else bytes(context)
-        ok = lib.SSL_export_keying_material(ssl, out, length, label_bytes, len(label_bytes),
-                                            ctx_bytes, len(ctx_bytes), int(context is not None))
-        check(ok, InternalError, "SSL_export_keying_material failed")
+        if len(ctx_bytes) > 65535:
+            raise ValueError("context must be at most 65535 bytes")
+        out = ffi.new("unsigned char[]", length)
+        ok = lib.pd_export(conn, out, length, label_bytes, len(label_bytes),
+                           ctx_bytes, len(ctx_bytes), int(context is not None))
+        check(ok, InternalError, "keying material export failed")
         return bytes(ffi.buffer(out, length))
 
     def selected_srtp_profile(self) -> SrtpProfile | None:
         """The DTLS-SRTP profile the handshake agreed on, or None."""
-        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
-            return None
-        profile = lib.SSL_get_selected_srtp_profile(self._conn.ssl)
+        conn = self._after_handshake()
+        profile = ffi.NULL if conn is None else lib.pd_srtp_profile(conn)
         if profile == ffi.NULL:
             return None
         return SrtpProfile.by_openssl_name(ffi.string(profile.name).decode())
 
     def srtp_keys(self) -> SrtpKeys:
         """SRTP master keys and salts for the agreed profile (RFC 5764 §4.2)."""
+        self._established()
         profile = self.selected_srtp_profile()
         if profile is None:
-            self._established_ssl()
             raise ValueError("no DTLS-SRTP profile was negotiated")
         material = self.export_keys(SRTP_EXPORTER_LABEL, profile.keying_material_length)
         return split_srtp_keying_material(profile, material, self.is_server)
@@ -434,16 +452,17 @@ class Dtls:
         """The PSK identity of this association (the client's), or None."""
         if self._conn is _DEAD:
             return None
-        identity = lib.SSL_get_psk_identity(self._conn.ssl)
+        identity = lib.pd_psk_identity(self._conn)
         return None if identity == ffi.NULL else ffi.string(identity).decode(errors="replace")
 
     def selected_alpn_protocol(self) -> str | None:
         """The application protocol ALPN agreed on, or None."""
-        if self._conn is _DEAD or self._conn.state != _ESTABLISHED:
+        conn = self._after_handshake()
+        if conn is None:
             return None
-        data, size = ffi.new("const unsigned char **"), ffi.new("unsigned int *")
-        lib.SSL_get0_alpn_selected(self._conn.ssl, data, size)
-        return None if size[0] == 0 else bytes(ffi.buffer(data[0], size[0])).decode(errors="replace")
+        data = ffi.new("const unsigned char **")
+        size = lib.pd_alpn(conn, data)
+        return None if size == 0 else bytes(ffi.buffer(data[0], size)).decode(errors="replace")
 
     def get_fingerprint(self, algorithm: str = "sha-256") -> str | None:
         """RFC 8122 fingerprint of our own certificate, or None without one."""
@@ -451,14 +470,17 @@ class Dtls:
 
     def get_peer_fingerprint(self, algorithm: str = "sha-256") -> str | None:
         """RFC 8122 fingerprint of the peer's certificate, or None if it sent none."""
-        x509 = lib.SSL_get0_peer_certificate(self._ssl())
-        if x509 == ffi.NULL:
-            return None
-        return format_fingerprint(x509_digest(x509, algorithm))
+        der = self.peer_certificate()
+        return None if der is None else certificate_fingerprint(der, algorithm)
 
     def peer_certificate(self) -> bytes | None:
         """The peer's certificate, DER-encoded, or None."""
-        x509 = lib.SSL_get0_peer_certificate(self._ssl())
+        conn = self._live()
+        if conn.ssl == ffi.NULL:
+            der = ffi.new("const unsigned char **")
+            size = lib.pd_peer_der(conn, der)
+            return bytes(ffi.buffer(der[0], size)) if size > 0 else None
+        x509 = lib.SSL_get0_peer_certificate(conn.ssl)
         return None if x509 == ffi.NULL else x509_to_der(x509)
 
     def _accept_hello(self, hello: bytes) -> None:

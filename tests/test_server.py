@@ -402,8 +402,10 @@ def test_close_all_and_limits_validation(server_ctx: DtlsContext, client_ctx: Dt
         DtlsServer(DtlsContext(verify="none"))
 
 
-def test_quiet_peers_give_back_buffers_and_get_them_back(server_ctx: DtlsContext,
+def test_quiet_peers_give_back_buffers_and_get_them_back(certs: Any,
                                                          client_ctx: DtlsContext) -> None:
+    server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem, initial_rto=0.05,
+                             record_layer="openssl")
     clock = FakeClock()
     server = DtlsServer(server_ctx, release_after=2.0, clock=clock)
     net = Net(server)
