@@ -1,7 +1,7 @@
 """Build ``pydtls_ossl._openssl``: a cffi API-mode module compiled against libssl.
 
 One block per OpenSSL header (its cdefs), plus the engine's C helpers from
-``csrc/engine.c``. OpenSSL 3.0 is the floor; later calls go behind
+``csrc/`` (cookies, the datagram BIO and hot paths, the record layer). OpenSSL 3.0 is the floor; later calls go behind
 ``PYDTLS_HAS_*`` flags so a 3.0 build never references a missing symbol.
 """
 

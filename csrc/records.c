@@ -2,7 +2,9 @@
  * The engine's own DTLS 1.2 record layer for AEAD suites, used once the
  * handshake is done (in the manner of kernel TLS: OpenSSL does the handshake,
  * a small framer protects the records). The keys come from OpenSSL's master
- * secret through the TLS 1.2 PRF; the AEAD is OpenSSL's, in the TLS mode its
+ * secret through the TLS 1.2 PRF (computed here, as the cookies are: EVP_KDF
+ * costs ~60k instructions a call in 3.0, mostly looking algorithms up by
+ * name); the AEAD is OpenSSL's, in the TLS mode its
  * own record layer uses. Handing over frees the SSL object: an idle
  * association then holds two cipher contexts and this struct (~3 KB) instead
  * of ~35 KB, and each record costs two EVP calls.
@@ -18,10 +20,8 @@
  * Anything else (CBC or CCM suites, a crowded handshake) keeps OpenSSL's
  * record layer; see pd_handover.
  */
-#include <openssl/kdf.h>
-#include <openssl/core_names.h>
-#include <openssl/params.h>
 #include <openssl/objects.h>
+#include <openssl/sha.h>
 
 #define PD_MAX_RESENDS 12
 #define PD_SEQ_MAX ((1ULL << 48) - 1)
@@ -38,7 +38,7 @@ struct pd_rl {
     unsigned long long rmask;       /* bit i: rtop - 1 - i was received */
     pd_node *flight;                /* our last flight ([type][epoch][plaintext]) */
     int resends;
-    const char *prf;                /* the PRF's digest name */
+    int prf_sha384;                 /* the PRF's hash: SHA-384, else SHA-256 */
     unsigned char secret[PD_MASTER + 2 * PD_RANDOM]; /* master, client_random, server_random */
     /* what the SSL object knew, for introspection after it is gone */
     const char *version;
@@ -52,12 +52,10 @@ struct pd_rl {
     unsigned int alpn_len;
 };
 
-static EVP_KDF *pd_tls1_prf = NULL;
 static EVP_CIPHER *pd_aes128gcm = NULL, *pd_aes256gcm = NULL, *pd_chacha = NULL;
 
 static int pd_records_init(void)
 {
-    pd_tls1_prf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_TLS1_PRF, NULL);
     pd_aes128gcm = EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL);
     pd_aes256gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
     pd_chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
@@ -87,21 +85,82 @@ static void pd_put_header(unsigned char *r, int type, unsigned int epoch,
     r[12] = (unsigned char)len;
 }
 
-static int pd_prf(const char *md, const unsigned char *secret, size_t secret_len,
-                  const unsigned char *seed, size_t seed_len, unsigned char *out, size_t len)
+typedef union pd_sha {
+    SHA256_CTX sha256;
+    SHA512_CTX sha384;
+} pd_sha;
+
+static void pd_sha_update(int sha384, pd_sha *h, const void *data, size_t len)
 {
-    EVP_KDF_CTX *kctx;
-    OSSL_PARAM params[4];
-    int ok;
-    if (pd_tls1_prf == NULL || (kctx = EVP_KDF_CTX_new(pd_tls1_prf)) == NULL)
-        return 0;
-    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, (char *)md, 0);
-    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SECRET, (void *)secret, secret_len);
-    params[2] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SEED, (void *)seed, seed_len);
-    params[3] = OSSL_PARAM_construct_end();
-    ok = EVP_KDF_derive(kctx, out, len, params) > 0;
-    EVP_KDF_CTX_free(kctx);
-    return ok;
+    if (sha384)
+        SHA384_Update(&h->sha384, data, len);
+    else
+        SHA256_Update(&h->sha256, data, len);
+}
+
+static void pd_sha_final(int sha384, pd_sha *h, unsigned char *out)
+{
+    if (sha384)
+        SHA384_Final(out, &h->sha384);
+    else
+        SHA256_Final(out, &h->sha256);
+}
+
+/* HMAC(key, a || b) from precomputed inner and outer pad states. */
+static void pd_hmac2(int sha384, const pd_sha *inner, const pd_sha *outer,
+                     const unsigned char *a, size_t a_len, const unsigned char *b, size_t b_len,
+                     unsigned char *out)
+{
+    unsigned char digest[SHA384_DIGEST_LENGTH];
+    pd_sha h = *inner;
+    pd_sha_update(sha384, &h, a, a_len);
+    if (b_len)
+        pd_sha_update(sha384, &h, b, b_len);
+    pd_sha_final(sha384, &h, digest);
+    h = *outer;
+    pd_sha_update(sha384, &h, digest, sha384 ? SHA384_DIGEST_LENGTH : SHA256_DIGEST_LENGTH);
+    pd_sha_final(sha384, &h, out);
+    OPENSSL_cleanse(digest, sizeof(digest));
+}
+
+/* The TLS 1.2 PRF, P_SHA256 or P_SHA384 (RFC 5246 §5), of a secret no longer
+ * than a hash block; seed holds label || seed. */
+static void pd_prf(int sha384, const unsigned char *secret, size_t secret_len,
+                   const unsigned char *seed, size_t seed_len, unsigned char *out, size_t len)
+{
+    size_t block = sha384 ? SHA512_CBLOCK : SHA256_CBLOCK;
+    size_t dlen = sha384 ? SHA384_DIGEST_LENGTH : SHA256_DIGEST_LENGTH, i, take;
+    unsigned char pad[SHA512_CBLOCK], a[SHA384_DIGEST_LENGTH], chunk[SHA384_DIGEST_LENGTH];
+    pd_sha inner, outer;
+    memset(pad, 0x36, block);
+    for (i = 0; i < secret_len; i++)
+        pad[i] ^= secret[i];
+    if (sha384)
+        SHA384_Init(&inner.sha384);
+    else
+        SHA256_Init(&inner.sha256);
+    pd_sha_update(sha384, &inner, pad, block);
+    for (i = 0; i < block; i++)
+        pad[i] ^= 0x36 ^ 0x5c;
+    if (sha384)
+        SHA384_Init(&outer.sha384);
+    else
+        SHA256_Init(&outer.sha256);
+    pd_sha_update(sha384, &outer, pad, block);
+    pd_hmac2(sha384, &inner, &outer, seed, seed_len, NULL, 0, a); /* A(1) */
+    while (len > 0) {
+        pd_hmac2(sha384, &inner, &outer, a, dlen, seed, seed_len, chunk);
+        take = len < dlen ? len : dlen;
+        memcpy(out, chunk, take);
+        out += take;
+        len -= take;
+        if (len > 0)
+            pd_hmac2(sha384, &inner, &outer, a, dlen, NULL, 0, a);
+    }
+    OPENSSL_cleanse(pad, sizeof(pad));
+    OPENSSL_cleanse(chunk, sizeof(chunk));
+    OPENSSL_cleanse(&inner, sizeof(inner));
+    OPENSSL_cleanse(&outer, sizeof(outer));
 }
 
 /* An AEAD context in TLS mode: the fixed IV part is set once, each record
@@ -178,6 +237,7 @@ static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len)
     }
     if (!pd_out_reserve(c, PD_RECORD_HEADER + body))
         return PD_ERR_NOMEM;
+    c->buffers_released = 0;
     r = c->out + c->out_off + c->out_len;
     pd_put_header(r, type, rl->epoch, rl->wseq, body);
     memcpy(aad, r + 3, 8);
@@ -291,6 +351,7 @@ static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *si
     struct pd_rl *rl = c->rl;
     size_t off = 0;
     long delivered = 0;
+    c->buffers_released = 0; /* in use again: the server may release it later */
     while (c->state == PD_STATE_ESTABLISHED && n - off >= PD_RECORD_HEADER) {
         const unsigned char *r = d + off;
         size_t blen = ((size_t)r[11] << 8) | r[12];
@@ -489,6 +550,7 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     const SSL_CIPHER *cipher = SSL_get_current_cipher(s);
     SSL_SESSION *session = SSL_get_session(s);
     const EVP_CIPHER *aead;
+    const EVP_MD *prf;
     struct pd_rl *rl = NULL;
     EVP_CIPHER_CTX *check = NULL;
     unsigned char block[2 * 32 + 2 * 12], seed[13 + 2 * PD_RANDOM];
@@ -506,8 +568,9 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     key_len = (size_t)EVP_CIPHER_get_key_length(aead);
     rl->explicit_iv = explicit_iv;
     rl->epoch = 1;
-    rl->prf = EVP_MD_get0_name(SSL_CIPHER_get_handshake_digest(cipher));
-    if (rl->prf == NULL || key_len > 32
+    prf = SSL_CIPHER_get_handshake_digest(cipher);
+    rl->prf_sha384 = prf != NULL && EVP_MD_get_type(prf) == NID_sha384;
+    if (prf == NULL || (EVP_MD_get_type(prf) != NID_sha256 && !rl->prf_sha384) || key_len > 32
             || SSL_SESSION_get_master_key(session, rl->secret, PD_MASTER) != PD_MASTER
             || SSL_get_client_random(s, rl->secret + PD_MASTER, PD_RANDOM) != PD_RANDOM
             || SSL_get_server_random(s, rl->secret + PD_MASTER + PD_RANDOM, PD_RANDOM) != PD_RANDOM)
@@ -516,8 +579,8 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     memcpy(seed, "key expansion", 13);
     memcpy(seed + 13, rl->secret + PD_MASTER + PD_RANDOM, PD_RANDOM);
     memcpy(seed + 13 + PD_RANDOM, rl->secret + PD_MASTER, PD_RANDOM);
-    if (!pd_prf(rl->prf, rl->secret, PD_MASTER, seed, sizeof(seed), block, 2 * key_len + 2 * iv_len))
-        goto keep;
+    pd_prf(rl->prf_sha384, rl->secret, PD_MASTER, seed, sizeof(seed), block,
+           2 * key_len + 2 * iv_len);
     ckey = block, skey = block + key_len;
     civ = block + 2 * key_len, siv = civ + iv_len;
     rl->enc = pd_aead_new(aead, explicit_iv, c->is_server ? skey : ckey, c->is_server ? siv : civ, 1);
@@ -550,7 +613,6 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     SSL_free(s);
     c->ssl = NULL;
     c->rl = rl;
-    c->buffers_released = 1; /* nothing left to release */
     return;
 keep:
     EVP_CIPHER_CTX_free(check);
@@ -602,10 +664,9 @@ int pd_export(pd_conn *c, unsigned char *out, size_t len, const char *label, siz
         if (context_len)
             memcpy(seed + label_len + 2 * PD_RANDOM + 2, context, context_len);
     }
-    ok = pd_prf(rl->prf, rl->secret, PD_MASTER, seed, seed_len, out, len);
+    pd_prf(rl->prf_sha384, rl->secret, PD_MASTER, seed, seed_len, out, len);
     free(seed);
-    ERR_clear_error();
-    return ok;
+    return 1;
 }
 
 const char *pd_version(pd_conn *c)

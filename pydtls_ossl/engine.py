@@ -489,10 +489,12 @@ class Dtls:
             raise self._dead_error()
 
     def release_buffers(self) -> bool:
-        """Free the record buffers of an idle established association (~33 KB).
+        """Free the buffers an idle established association does not need.
 
-        They come back by themselves on the next use. For servers holding
-        many quiet peers; True if something was freed.
+        With the engine's record layer that is its ~2 KB output buffer; with
+        libssl's, OpenSSL's ~33 KB of record buffers. They come back by
+        themselves on the next use. For servers holding many quiet peers;
+        True if something was freed.
         """
         return bool(lib.pd_release_buffers(self._conn))
 

@@ -21,7 +21,7 @@ from .helpers import Pair, drain
 LAYERS = ("engine", "openssl")
 
 
-def make(certs: Any, client_layer: str = "engine", server_layer: str = "engine",
+def make(certs: Any, client_layer: Any = "engine", server_layer: Any = "engine",
          **options: Any) -> Pair:
     server = Dtls(is_server=True, context=DtlsContext(
         certs.server.cert_pem, certs.server.key_pem, record_layer=server_layer, **options),

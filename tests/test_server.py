@@ -402,10 +402,11 @@ def test_close_all_and_limits_validation(server_ctx: DtlsContext, client_ctx: Dt
         DtlsServer(DtlsContext(verify="none"))
 
 
-def test_quiet_peers_give_back_buffers_and_get_them_back(certs: Any,
-                                                         client_ctx: DtlsContext) -> None:
+@pytest.mark.parametrize("layer", ["engine", "openssl"])
+def test_quiet_peers_give_back_buffers_and_get_them_back(certs: Any, client_ctx: DtlsContext,
+                                                         layer: str) -> None:
     server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem, initial_rto=0.05,
-                             record_layer="openssl")
+                             record_layer=layer)  # type: ignore[arg-type]
     clock = FakeClock()
     server = DtlsServer(server_ctx, release_after=2.0, clock=clock)
     net = Net(server)
