@@ -754,7 +754,6 @@ static int pd_is_new_hello(const unsigned char *d, size_t n)
  * or PD_ERR_SSL when this datagram ended the association. */
 int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
 {
-    size_t queued = c->plain_count;
     int count = 0;
     if (len == 0 || c->state > PD_STATE_ESTABLISHED)
         return 0;
@@ -775,6 +774,7 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
     c->in_ptr = data;
     c->in_len = len;
     if (c->state != PD_STATE_ESTABLISHED) {
+        size_t queued = c->plain_count;
         if (c->compact)
             pd_retain_early(c, data, len);
         ERR_clear_error(); /* the handshake path reads the queue: start clean */
@@ -1041,8 +1041,9 @@ void pd_shutdown(pd_conn *c)
         c->state = PD_STATE_CLOSED;
 }
 
-/* Free the ~33 KB of record buffers an idle association does not need;
- * pd_write restores them (OpenSSL 3.0 crashes writing without them). */
+/* Free the buffers an idle association does not need: OpenSSL's ~33 KB of
+ * record buffers (pd_write restores them: OpenSSL 3.0 crashes writing
+ * without them), and the output run when it is empty. */
 int pd_release_buffers(pd_conn *c)
 {
     if (c->state != PD_STATE_ESTABLISHED || (c->ssl == NULL && c->rl == NULL))

@@ -90,6 +90,14 @@ typedef union pd_sha {
     SHA512_CTX sha384;
 } pd_sha;
 
+static void pd_sha_init(int sha384, pd_sha *h)
+{
+    if (sha384)
+        SHA384_Init(&h->sha384);
+    else
+        SHA256_Init(&h->sha256);
+}
+
 static void pd_sha_update(int sha384, pd_sha *h, const void *data, size_t len)
 {
     if (sha384)
@@ -135,17 +143,11 @@ static void pd_prf(int sha384, const unsigned char *secret, size_t secret_len,
     memset(pad, 0x36, block);
     for (i = 0; i < secret_len; i++)
         pad[i] ^= secret[i];
-    if (sha384)
-        SHA384_Init(&inner.sha384);
-    else
-        SHA256_Init(&inner.sha256);
+    pd_sha_init(sha384, &inner);
     pd_sha_update(sha384, &inner, pad, block);
     for (i = 0; i < block; i++)
         pad[i] ^= 0x36 ^ 0x5c;
-    if (sha384)
-        SHA384_Init(&outer.sha384);
-    else
-        SHA256_Init(&outer.sha256);
+    pd_sha_init(sha384, &outer);
     pd_sha_update(sha384, &outer, pad, block);
     pd_hmac2(sha384, &inner, &outer, seed, seed_len, NULL, 0, a); /* A(1) */
     while (len > 0) {
@@ -608,8 +610,6 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
             pd_rl_mark(rl, pd_seq48(e->data + 5));
     }
     EVP_CIPHER_CTX_free(check);
-    pd_nodes_free(c->early);
-    c->early = NULL;
     SSL_free(s);
     c->ssl = NULL;
     c->rl = rl;
@@ -618,26 +618,20 @@ keep:
     EVP_CIPHER_CTX_free(check);
     OPENSSL_cleanse(block, sizeof(block));
     pd_rl_free(rl);
-    pd_nodes_free(c->early);
-    c->early = NULL;
     c->compact = 0;
     ERR_clear_error();
 }
 
 /* --------------------------------------------------------- introspection */
 
-static const char *pd_reserved_labels[] = {
-    "client finished", "server finished", "master secret",
-    "extended master secret", "key expansion",
-};
-
-/* RFC 5705 keying material: 1, or 0 on failure (e.g. a reserved label). */
+/* RFC 5705 keying material: 1, or 0 on failure. The caller refuses the
+ * labels TLS reserves (Dtls.export_keys). */
 int pd_export(pd_conn *c, unsigned char *out, size_t len, const char *label, size_t label_len,
               const unsigned char *context, size_t context_len, int use_context)
 {
     struct pd_rl *rl = c->rl;
     unsigned char *seed;
-    size_t seed_len, i;
+    size_t seed_len;
     int ok;
     if (rl == NULL) {
         if (c->ssl == NULL)
@@ -649,10 +643,6 @@ int pd_export(pd_conn *c, unsigned char *out, size_t len, const char *label, siz
     }
     if (use_context && context_len > 0xFFFF)
         return 0;
-    for (i = 0; i < sizeof(pd_reserved_labels) / sizeof(pd_reserved_labels[0]); i++)
-        if (label_len == strlen(pd_reserved_labels[i])
-                && memcmp(label, pd_reserved_labels[i], label_len) == 0)
-            return 0;
     seed_len = label_len + 2 * PD_RANDOM + (use_context ? 2 + context_len : 0);
     if ((seed = malloc(seed_len)) == NULL)
         return 0;
