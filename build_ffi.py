@@ -140,6 +140,7 @@ int SSL_set1_host(SSL *, const char *);
 long SSL_set_tlsext_host_name(SSL *, char *);
 const char *SSL_get_version(const SSL *);
 const SSL_CIPHER *SSL_get_current_cipher(const SSL *);
+const SSL_CIPHER *SSL_get_pending_cipher(const SSL *);
 const char *SSL_CIPHER_get_name(const SSL_CIPHER *);
 const char *SSL_CIPHER_get_version(const SSL_CIPHER *);
 int SSL_CIPHER_get_bits(const SSL_CIPHER *, int *);
@@ -231,6 +232,11 @@ typedef struct pd_conn {
     size_t plain_bytes;
     unsigned long long plain_dropped;
     size_t out_len;
+    void *verify_hook;
+    int hook_refused;
+    unsigned long long handshake_timeout_ns;
+    int deadline_passed;
+    unsigned int protected_seen;
     ...;
 } pd_conn;
 typedef struct { ...; } pd_cookie_keys;
@@ -271,6 +277,10 @@ const char *pd_psk_identity(pd_conn *);
 unsigned int pd_alpn(pd_conn *, const unsigned char **);
 int pd_peer_der(pd_conn *, const unsigned char **);
 int pd_compact(pd_conn *);
+pd_conn *pd_conn_of(const SSL *);
+void pd_expire(pd_conn *);
+int pd_ctx_level_for_ciphers(SSL_CTX *);
+extern "Python" int pd_verify_hook_cb(void *, const unsigned char *, int);
 """
 
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",

@@ -14,6 +14,7 @@
 #include <openssl/crypto.h>
 #include <openssl/srtp.h>
 #include <openssl/tls1.h>
+#include <time.h>
 
 #define PD_STATE_NEW 0
 #define PD_STATE_HANDSHAKING 1
@@ -90,6 +91,15 @@ typedef struct pd_conn {
     unsigned long long sent_next[2]; /* next sequence number at epochs 0 and 1 */
     pd_node *early;                  /* protected records received before then */
     int early_count;
+    /* the application's say on the peer (a cffi handle), asked inside the handshake */
+    void *verify_hook;
+    int hook_refused;                /* 1: certificate refused, 2: PSK identity refused */
+    int hook_accepted;               /* asked once: OpenSSL may verify the leaf twice */
+    /* the handshake deadline (monotonic ns, 0: none) and what it reports */
+    unsigned long long handshake_timeout_ns;
+    unsigned long long deadline_ns;
+    int deadline_passed;
+    unsigned int protected_seen;     /* peer records at epoch >= 1 before the handshake ended */
 } pd_conn;
 
 /* Where pd_rl_feed puts application data: the plaintext queue (no sink),
@@ -295,6 +305,27 @@ static void pd_info_cb(const SSL *s, int where, int ret)
         c->alert_sent = ret;
 }
 
+static int pd_verify_hook_cb(void *hook, const unsigned char *der, int der_len);
+
+/* The application's verify_peer hook on the leaf certificate: 1 accepts. */
+static int pd_ask_hook(pd_conn *c, X509 *cert)
+{
+    unsigned char *der = NULL;
+    int len, ok;
+    if (c->verify_hook == NULL || c->hook_accepted)
+        return 1;
+    if (c->hook_refused)
+        return 0;
+    len = cert != NULL ? i2d_X509(cert, &der) : -1;
+    ok = len > 0 && pd_verify_hook_cb(c->verify_hook, der, len);
+    OPENSSL_free(der);
+    if (ok)
+        c->hook_accepted = 1;
+    else
+        c->hook_refused = 1;
+    return ok;
+}
+
 static int pd_verify_cb(int preverify_ok, X509_STORE_CTX *store)
 {
     SSL *s = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
@@ -308,8 +339,18 @@ static int pd_verify_cb(int preverify_ok, X509_STORE_CTX *store)
         return preverify_ok;
     if (c->npins == 0) {
         if (c->accept_any_certificate) {
+            if (X509_STORE_CTX_get_error_depth(store) == 0
+                    && !pd_ask_hook(c, X509_STORE_CTX_get_current_cert(store))) {
+                X509_STORE_CTX_set_error(store, X509_V_ERR_CERT_REJECTED);
+                return 0;
+            }
             X509_STORE_CTX_set_error(store, X509_V_OK);
             return 1;
+        }
+        if (preverify_ok && X509_STORE_CTX_get_error_depth(store) == 0
+                && !pd_ask_hook(c, X509_STORE_CTX_get_current_cert(store))) {
+            X509_STORE_CTX_set_error(store, X509_V_ERR_CERT_REJECTED);
+            return 0;
         }
         return preverify_ok;
     }
@@ -323,6 +364,10 @@ static int pd_verify_cb(int preverify_ok, X509_STORE_CTX *store)
         if (X509_digest(cert, c->pins[i].md, digest, &len) == 1
                 && len == c->pins[i].len
                 && CRYPTO_memcmp(digest, c->pins[i].digest, len) == 0) {
+            if (!pd_ask_hook(c, cert)) {
+                X509_STORE_CTX_set_error(store, X509_V_ERR_CERT_REJECTED);
+                return 0;
+            }
             X509_STORE_CTX_set_error(store, X509_V_OK);
             return 1;
         }
@@ -390,6 +435,35 @@ void pd_ctx_alpn_select(SSL_CTX *ctx, const unsigned char *prefixed, unsigned in
     SSL_CTX_set_alpn_select_cb(ctx, pd_alpn_select_cb, (void *)prefixed);
 }
 
+/* The highest security level, not above the context's, at which every suite
+ * of its cipher list that DTLS 1.2 can use passes the security callback (the
+ * context keeps its level); -1 when even level 0 refuses one. */
+int pd_ctx_level_for_ciphers(SSL_CTX *ctx)
+{
+    STACK_OF(SSL_CIPHER) *sk = SSL_CTX_get_ciphers(ctx);
+    int (*cb)(const SSL *, const SSL_CTX *, int, int, int, void *, void *)
+        = SSL_CTX_get_security_callback(ctx);
+    void *ex = SSL_CTX_get0_security_ex_data(ctx);
+    int level = SSL_CTX_get_security_level(ctx), need = level, i;
+    for (i = 0; cb != NULL && i < sk_SSL_CIPHER_num(sk); i++) {
+        const SSL_CIPHER *cipher = sk_SSL_CIPHER_value(sk, i);
+        int bits = SSL_CIPHER_get_bits(cipher, NULL), l;
+        if (strcmp(SSL_CIPHER_get_version(cipher), "TLSv1.3") == 0)
+            continue; /* TLS 1.3 suites do not apply to DTLS 1.2 */
+        for (l = need; l >= 0; l--) {
+            SSL_CTX_set_security_level(ctx, l);
+            if (cb(NULL, ctx, SSL_SECOP_CIPHER_SUPPORTED, bits, 0, (void *)cipher, ex))
+                break;
+        }
+        need = l;
+        if (need < 0)
+            break;
+    }
+    SSL_CTX_set_security_level(ctx, level);
+    ERR_clear_error();
+    return need;
+}
+
 void pd_ctx_require_srtp(SSL_CTX *ctx)
 {
     SSL_CTX_set_client_hello_cb(ctx, pd_srtp_hello_cb, NULL);
@@ -414,6 +488,12 @@ int pd_init(void)
     BIO_meth_set_create(pd_bio_method, pd_bio_create);
     BIO_meth_set_destroy(pd_bio_method, pd_bio_destroy);
     return 1;
+}
+
+/* The engine of an SSL, for callbacks made into Python (NULL if none). */
+pd_conn *pd_conn_of(const SSL *s)
+{
+    return pd_from_ssl(s);
 }
 
 pd_conn *pd_dead_conn(void)
@@ -593,11 +673,30 @@ static int pd_read_records(pd_conn *c)
     return count;
 }
 
+static unsigned long long pd_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
+}
+
+/* The handshake ran out of time: the association fails, with nothing to send. */
+void pd_expire(pd_conn *c)
+{
+    if (c->state >= PD_STATE_ESTABLISHED)
+        return;
+    c->deadline_passed = 1;
+    c->ssl_error = SSL_ERROR_SSL;
+    c->state = PD_STATE_FAILED;
+}
+
 static int pd_handshake_step(pd_conn *c)
 {
     size_t before = c->out_len, flight;
     int r;
     c->state = PD_STATE_HANDSHAKING;
+    if (c->handshake_timeout_ns && c->deadline_ns == 0)
+        c->deadline_ns = pd_now_ns() + c->handshake_timeout_ns;
     r = SSL_do_handshake(c->ssl);
     if (r == 1) {
         flight = c->out_len - before;
@@ -636,6 +735,8 @@ int pd_handshake(pd_conn *c)
         return 1;
     if (c->state > PD_STATE_ESTABLISHED)
         return c->state == PD_STATE_FAILED ? PD_ERR_SSL : PD_ERR_STATE;
+    if (c->state == PD_STATE_NEW && c->cookies != NULL)
+        return 0; /* cookie mode: nothing to do until a hello with a valid cookie */
     ERR_clear_error();
     if (pd_handshake_step(c) == 1)
         return 1;
@@ -774,7 +875,12 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
     c->in_ptr = data;
     c->in_len = len;
     if (c->state != PD_STATE_ESTABLISHED) {
-        size_t queued = c->plain_count;
+        size_t queued = c->plain_count, off = 0;
+        while (len - off >= PD_RECORD_HEADER) { /* pd_plausible framed them */
+            const unsigned char *r = data + off;
+            c->protected_seen += r[3] != 0 || r[4] != 0;
+            off += PD_RECORD_HEADER + (((size_t)r[11] << 8) | r[12]);
+        }
         if (c->compact)
             pd_retain_early(c, data, len);
         ERR_clear_error(); /* the handshake path reads the queue: start clean */
@@ -990,23 +1096,36 @@ long pd_feed_read(pd_conn *c, const unsigned char *buf, const size_t *lens, size
     return k;
 }
 
-/* Seconds until a retransmission is due, or -1 when no timer runs. */
+/* Seconds until a retransmission or the handshake deadline is due, or -1
+ * when no timer runs. */
 double pd_get_timeout(pd_conn *c)
 {
     struct timeval tv;
+    double t = -1.0;
     if (c->ssl == NULL || c->state > PD_STATE_ESTABLISHED)
         return -1.0;
-    if (DTLSv1_get_timeout(c->ssl, &tv) != 1)
-        return -1.0;
-    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+    if (DTLSv1_get_timeout(c->ssl, &tv) == 1)
+        t = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+    if (c->deadline_ns && c->state < PD_STATE_ESTABLISHED) {
+        unsigned long long now = pd_now_ns();
+        double left = now >= c->deadline_ns ? 0.0 : (double)(c->deadline_ns - now) / 1e9;
+        if (t < 0 || left < t)
+            t = left;
+    }
+    return t;
 }
 
-/* 1 retransmitted, 0 nothing due, <0 failed (too many retransmissions). */
+/* 1 retransmitted, 0 nothing due, <0 failed (too many retransmissions, or
+ * the handshake deadline passed). */
 int pd_handle_timeout(pd_conn *c)
 {
     int r;
     if (c->ssl == NULL || c->state > PD_STATE_ESTABLISHED)
         return 0;
+    if (c->deadline_ns && c->state < PD_STATE_ESTABLISHED && pd_now_ns() >= c->deadline_ns) {
+        pd_expire(c);
+        return PD_ERR_SSL;
+    }
     ERR_clear_error();
     if (!pd_restore_buffers(c))
         return 0;

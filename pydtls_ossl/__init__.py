@@ -14,14 +14,17 @@ from .certs import (Certificate, certificate_fingerprint, fingerprints_equal, fo
                     generate_certificate, parse_fingerprint)
 from .context import DEFAULT_CIPHERS, DEFAULT_GROUPS, DtlsContext, Verify
 from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
+from .server import (ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer,
+                     ServerStats)
 from .srtp import SrtpKeys, SrtpProfile
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Alert", "AlertDescription", "AlertReceived", "CONTINUE", "Certificate", "CertificateError",
-    "ConfigurationError", "ConnectionClosed", "ConnectionState", "DEFAULT_CIPHERS",
-    "DEFAULT_GROUPS", "Dtls", "DtlsContext", "DtlsError", "FINISHED", "FingerprintMismatch",
+    "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionState",
+    "ConnectionTerminated", "DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DataReceived", "Dtls",
+    "DtlsContext", "DtlsError", "DtlsServer", "ServerStats", "FINISHED", "FingerprintMismatch",
     "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "SrtpKeys",
     "SrtpProfile", "Verify",
     "certificate_fingerprint", "fingerprints_equal", "format_fingerprint",

@@ -1,4 +1,4 @@
-"""Callbacks OpenSSL makes into Python: pre-shared keys and key logging.
+"""Callbacks OpenSSL makes into Python: pre-shared keys, verify_peer, key logging.
 
 They find their ``DtlsContext`` through a weak-reference handle in the
 ``SSL_CTX``'s app data. A Python exception never crosses into OpenSSL: a PSK
@@ -88,9 +88,27 @@ def pd_psk_server_cb(ssl: Any, identity: Any, psk_out: Any, max_psk: int) -> int
         key = bytes(key)
         if not 0 < len(key) <= max_psk:
             raise ValueError(f"PSK key must be 1 to {max_psk} bytes")
+        conn = lib.pd_conn_of(ssl)
+        if conn != ffi.NULL and conn.verify_hook != ffi.NULL:
+            conn.hook_refused = 2  # until the hook says yes (or raises)
+            if not ffi.from_handle(conn.verify_hook)(None, name):
+                return 0  # OpenSSL answers unknown_psk_identity
+            conn.hook_refused = 0
         ffi.memmove(psk_out, key, len(key))
         return len(key)
     except BaseException as exc:
+        _failures.error = exc
+        return 0
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_verify_hook_cb(hook: Any, der: Any, der_len: int) -> int:
+    """A certificate that passed the configured checks, put to ``verify_peer``."""
+    try:
+        from .certs import certificate_fingerprint
+        fingerprint = certificate_fingerprint(bytes(ffi.buffer(der, der_len)), "sha-256")
+        return 1 if ffi.from_handle(hook)(fingerprint, None) else 0
+    except BaseException as exc:  # never into OpenSSL; the handshake fails
         _failures.error = exc
         return 0
 

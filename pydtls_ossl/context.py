@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
 import os
 import time
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -49,6 +50,7 @@ DEFAULT_GROUPS = "X25519:P-256:P-384"
 
 _MIN_MTU = 256
 _MAX_MTU = 65507
+_log = logging.getLogger("pydtls_ossl")
 
 
 class Verify(enum.Enum):
@@ -154,8 +156,11 @@ class DtlsContext:
     unknown_psk_identity); ``psk_identity_hint`` is what a server announces.
     ``ciphers`` defaults to AEAD ECDHE certificate suites, AEAD PSK suites when
     PSK is configured, or both for a server doing both. ``security_level`` sets
-    OpenSSL's level (Debian defaults to 2); lower it only to allow a suite the
-    level refuses, and only on purpose. ``cookie_secret``
+    OpenSSL's level (Debian defaults to 2). When ``ciphers`` names suites the
+    default level refuses (CCM_8 from OpenSSL 3.5 on, rated 64 bits for its
+    8-byte tag), the level is lowered only as far as those suites need, with a
+    log line, and ``security_level`` reports it; the default suites never lower
+    it. ``cookie_secret``
     (bytes or a ``CookieSecret``) is shared by servers that must accept each
     other's cookies; by default each context has its own random one.
     ``alpn_protocols`` is offered by a client and, on a server, the list it
@@ -163,6 +168,12 @@ class DtlsContext:
     ``keylog`` appends NSS key-log lines to a file so Wireshark can decrypt a
     capture; without it ``$SSLKEYLOGFILE`` is honoured. Both expose every
     session key to whoever reads the file.
+
+    ``handshake_timeout`` (seconds, default 30; None for none) bounds a
+    handshake from its first step to its end, through ``get_timeout()`` /
+    ``handle_timeout()``, so a peer that never finishes (a wrong PSK, a
+    black hole) ends in ``HandshakeError``; ``DtlsServer`` and the surfaces
+    use the same value.
 
     ``record_layer="engine"`` (the default): once a handshake with an AEAD
     suite (AES-GCM, ChaCha20-Poly1305) finishes, the engine protects records
@@ -196,12 +207,17 @@ class DtlsContext:
         alpn_protocols: Sequence[str] | None = None,
         keylog: str | os.PathLike[str] | None = None,
         record_layer: Literal["engine", "openssl"] = "engine",
+        handshake_timeout: float | None = 30.0,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
         if record_layer not in ("engine", "openssl"):
             raise ValueError(f"record_layer must be 'engine' or 'openssl', got {record_layer!r}")
         self.record_layer = record_layer
+        if handshake_timeout is not None and not 0 < handshake_timeout <= 86400:
+            raise ValueError(f"handshake_timeout must be None or 0 to 86400 seconds, "
+                             f"got {handshake_timeout}")
+        self.handshake_timeout = handshake_timeout
         self.mtu = check_mtu(mtu)
         self.initial_rto_us = _seconds_to_us(initial_rto, "initial_rto")
         self.max_rto_us = _seconds_to_us(max_rto, "max_rto")
@@ -226,6 +242,7 @@ class DtlsContext:
 
         ctx = check_ptr(lib.SSL_CTX_new(lib.DTLS_method()), InternalError, "SSL_CTX_new")
         self._ctx = ffi.gc(ctx, lib.SSL_CTX_free)
+        named_suites = ciphers is not None
         if ciphers is None:
             suites = []
             if cert is not None or (psk is None and psk_keys is None):
@@ -245,6 +262,8 @@ class DtlsContext:
                     raise ValueError("security_level is 0 to 5")
                 lib.SSL_CTX_set_security_level(ctx, security_level)
             self._configure(ciphers, groups)
+            if named_suites and security_level is None:
+                self._level_for_named_suites(ciphers)
             if psk is not None or psk_keys is not None or self.keylog is not None:
                 self._psk_handle = install_callbacks(self)
             if self.alpn_protocols:
@@ -282,6 +301,21 @@ class DtlsContext:
         if self.verify is Verify.CA:
             mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
         lib.SSL_CTX_set_verify(ctx, mode, ffi.NULL)
+
+    def _level_for_named_suites(self, ciphers: str) -> None:
+        """Lower the security level as far as the suites the caller named need, no further.
+
+        OpenSSL 3.5 rates CCM_8 suites (8-byte tag) at 64 bits, below level 1,
+        so CoAP's mandatory PSK-AES128-CCM8 needs level 0 there. Only suites
+        named explicitly get this; the defaults never lower the level.
+        """
+        level = self.security_level
+        needed = lib.pd_ctx_level_for_ciphers(self._ctx)
+        if 0 <= needed < level:
+            lib.SSL_CTX_set_security_level(self._ctx, needed)
+            _log.warning("pydtls_ossl: OpenSSL security level lowered from %d to %d because "
+                         "ciphers=%r names suites that level %d refuses", level, needed, ciphers,
+                         level)
 
     def _configure_alpn(self) -> None:
         wire = b""
@@ -332,18 +366,27 @@ class DtlsContext:
 
     def wrap_socket(self, sock: Any, server_side: bool = False, server_hostname: str | None = None,
                     expected_peer_fingerprint: str | Sequence[str] | None = None,
-                    do_handshake_on_connect: bool = True) -> Any:
+                    do_handshake_on_connect: bool = True, *, cookies: bool = True) -> Any:
         """A blocking ``DtlsSocket`` on a UDP socket, in the manner of ``ssl``.
 
         A connected socket shakes hands at once (unless told not to); otherwise
         ``connect()`` does. ``server_side=True`` serves the one peer the socket
-        is connected to, with the stateless cookie exchange.
+        is connected to and, unless ``cookies=False``, first makes it prove its
+        address with the stateless cookie exchange (a HelloVerifyRequest).
+        Many peers on one socket: ``listen()``.
         """
         from .engine import Dtls
         from .sockets import DtlsSocket
-        peer = sock.getpeername() if server_side else None
+        peer = None
+        if server_side:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                raise ValueError("wrap_socket(server_side=True) serves the one peer a connected "
+                                 "socket talks to: connect() it first, or use listen()") from None
         engine = Dtls(is_server=server_side, context=self, server_hostname=server_hostname,
-                      expected_peer_fingerprint=expected_peer_fingerprint, peer_address=peer)
+                      expected_peer_fingerprint=expected_peer_fingerprint,
+                      peer_address=peer if cookies else None)
         return DtlsSocket(sock, engine, do_handshake_on_connect)
 
     def listen(self, address: Any, **limits: Any) -> Any:

@@ -10,7 +10,7 @@ something failed.
 from __future__ import annotations
 
 import enum
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError,
                       ConnectionClosed, DtlsError, FingerprintMismatch, HandshakeError,
@@ -22,7 +22,13 @@ from .certs import (CertificateSource, certificate_fingerprint, digest_for, pars
 from .context import DtlsContext, Verify, _seconds_to_us, address_parts, check_mtu
 from .srtp import SRTP_EXPORTER_LABEL, SrtpKeys, SrtpProfile, split_srtp_keying_material
 
-__all__ = ["CONTINUE", "FINISHED", "ConnectionState", "Dtls", "HandshakeStatus"]
+__all__ = ["CONTINUE", "FINISHED", "ConnectionState", "Dtls", "HandshakeStatus", "VerifyPeer"]
+
+#: ``verify_peer(fingerprint, psk_identity) -> bool``: asked inside the
+#: handshake with the peer's certificate fingerprint (sha-256, RFC 8122 form)
+#: or its PSK identity; False fails the handshake (bad_certificate or
+#: unknown_psk_identity).
+VerifyPeer = Callable[[str | None, str | None], bool]
 
 
 class HandshakeStatus(enum.IntEnum):
@@ -63,6 +69,13 @@ _RESERVED_LABELS = frozenset({b"client finished", b"server finished", b"master s
 _scratch = ffi.new_allocator(should_clear_after_alloc=False)  # filled by C before use
 
 
+class _Unset:
+    """Marks an argument left out, where None has a meaning of its own."""
+
+
+_UNSET = _Unset()
+
+
 def _split(blob_ptr: Any, ends_ptr: Any, count: int) -> list[bytes]:
     """Cut C's concatenated output at the given end offsets into separate bytes."""
     if count <= 0:
@@ -99,9 +112,17 @@ class Dtls:
     stateless cookie exchange for that address: a ClientHello without a valid
     cookie is answered with a HelloVerifyRequest. Not thread-safe; one thread
     at a time.
+
+    ``handshake_timeout`` overrides the context's deadline for this engine
+    (None: none). ``verify_peer(fingerprint, psk_identity) -> bool`` is asked
+    inside the handshake once the peer's certificate passed the configured
+    checks (pins, CA) or its PSK identity has a key; False fails the
+    handshake with bad_certificate or unknown_psk_identity. A server with a
+    hook and no certificate verification asks certificate clients for one.
     """
 
-    __slots__ = ("_conn", "_context", "_error", "_leftover", "_final_state", "__weakref__")
+    __slots__ = ("_conn", "_context", "_error", "_leftover", "_final_state", "_hook",
+                 "__weakref__")
 
     def __init__(
         self,
@@ -116,8 +137,11 @@ class Dtls:
         verify: Verify | str | None = None,
         initial_rto: float | None = None,
         peer_address: Any = None,
+        handshake_timeout: float | None | _Unset = _UNSET,
+        verify_peer: VerifyPeer | None = None,
     ) -> None:
         self._conn: Any = _DEAD
+        self._hook: Any = None
         self._error: DtlsError | None = None
         self._leftover: list[bytes] | None = None
         self._final_state = ConnectionState.CLOSED
@@ -136,18 +160,32 @@ class Dtls:
                             lib.pd_conn_free)
         conn.require_srtp = int(context.srtp_required)
         conn.compact = int(context.record_layer == "engine")
+        timeout = context.handshake_timeout if isinstance(handshake_timeout, _Unset) else handshake_timeout
+        if timeout is not None:
+            if not 0 < timeout <= 86400:
+                raise ValueError(f"handshake_timeout must be None or 0 to 86400 seconds, got {timeout}")
+            conn.handshake_timeout_ns = int(timeout * 1e9)
         if peer_address is not None:
             if not is_server:
                 raise ValueError("peer_address (cookie exchange) is for servers")
             host, port = address_parts(peer_address)
             lib.pd_set_cookie_peer(conn, context.cookies.keys(), host, len(host), port)
+        if verify_peer is not None:
+            if not callable(verify_peer):
+                raise TypeError("verify_peer must be a function (fingerprint, psk_identity) -> bool")
+            self._hook = ffi.new_handle(verify_peer)
+            conn.verify_hook = self._hook
         if mode is Verify.FINGERPRINT:
             for algorithm, digest in pins:
                 check(lib.pd_add_pin(conn, digest_for(algorithm), digest, len(digest)),
                       InternalError, "cannot pin fingerprint")
             lib.pd_verify_peer(conn, 0)
-        elif mode is Verify.ANY_CERTIFICATE:
+        elif mode is Verify.ANY_CERTIFICATE or (verify_peer is not None and is_server
+                                                 and mode is Verify.NONE
+                                                 and context.has_certificate):
             lib.pd_verify_peer(conn, 1)
+        elif verify_peer is not None and mode is Verify.CA:
+            lib.pd_verify_peer(conn, 0)  # the chain as configured, then the hook
         elif mode is Verify.PSK and not is_server:
             # no trust anchors: a certificate suite chosen by the server fails
             lib.SSL_set_verify(conn.ssl, lib.SSL_VERIFY_PEER, ffi.NULL)
@@ -488,6 +526,12 @@ class Dtls:
         if lib.pd_accept_hello(self._conn, hello, len(hello)) < 0:
             raise self._dead_error()
 
+    def _drop_hook(self) -> None:
+        """Forget verify_peer once the handshake no longer needs it."""
+        if self._hook is not None and self._conn is not _DEAD:
+            self._conn.verify_hook = ffi.NULL
+            self._hook = None
+
     def release_buffers(self) -> bool:
         """Free the buffers an idle established association does not need.
 
@@ -535,11 +579,19 @@ class Dtls:
                          sent: Alert | None) -> HandshakeError:
         callback_error = take_callback_error()
         if callback_error is not None:
-            error = HandshakeError(f"handshake failed: a PSK callback raised "
-                                   f"{type(callback_error).__name__}: {callback_error}",
-                                   reasons, sent)
+            what = "verify_peer" if conn.hook_refused else "a PSK callback"
+            cls = CertificateError if conn.hook_refused == 1 else HandshakeError
+            error = cls(f"handshake failed: {what} raised "
+                        f"{type(callback_error).__name__}: {callback_error}", reasons, sent)
             error.__cause__ = callback_error
             return error
+        if conn.hook_refused == 1:
+            return CertificateError("peer certificate refused by verify_peer", reasons, sent,
+                                    lib.X509_V_ERR_CERT_REJECTED)
+        if conn.hook_refused == 2:
+            return HandshakeError("PSK identity refused by verify_peer", reasons, sent)
+        if conn.deadline_passed or any("timeout" in r for r in reasons):
+            return Dtls._timeout_error(conn, reasons, sent)
         if conn.srtp_refused:
             return HandshakeError("no DTLS-SRTP profile in common", reasons, sent or received)
         if conn.pin_mismatch:
@@ -557,10 +609,35 @@ class Dtls:
                 f"handshake failed: no cipher suite in common (OpenSSL security level {level} "
                 f"refuses weaker suites; lower it with DtlsContext(security_level=...) only on "
                 f"purpose)", reasons, sent)
-        if any("timeout" in r for r in reasons):
-            hint = (" (with PSK, a wrong key looks like this: DTLS silently drops records"
-                    " that fail to decrypt)") if conn.ssl != ffi.NULL and lib.SSL_get_psk_identity(
-                        conn.ssl) != ffi.NULL else ""
-            return HandshakeError(f"handshake timed out: too many retransmissions{hint}",
-                                  reasons, sent)
         return HandshakeError("handshake failed" + (f": {sent}" if sent else ""), reasons, sent)
+
+    @staticmethod
+    def _timeout_error(conn: Any, reasons: tuple[str, ...], sent: Alert | None) -> HandshakeError:
+        what = ("the handshake deadline passed" if conn.deadline_passed
+                else "too many retransmissions")
+        text = f"handshake timed out: {what}"
+        psk = conn.ssl != ffi.NULL and _uses_psk(conn.ssl)
+        if conn.protected_seen:
+            # Records at the new epoch that never completed the handshake did not
+            # authenticate: DTLS drops those silently (RFC 6347 §4.1.2.7).
+            text += (f"; {conn.protected_seen} records from the peer failed authentication"
+                     + (": a wrong pre-shared key is the usual cause" if psk else ""))
+        elif psk:
+            text += ("; the peer never answered our encrypted flight: with PSK, a wrong "
+                     "pre-shared key looks like this (DTLS drops records that fail to authenticate)")
+        return HandshakeError(text, reasons, sent)
+
+    def _expire(self) -> HandshakeError:
+        """Fail a handshake whose deadline a server core enforces; the error says why."""
+        lib.pd_expire(self._conn)
+        error = self._dead_error()
+        assert isinstance(error, HandshakeError)
+        return error
+
+
+def _uses_psk(ssl: Any) -> bool:
+    """Whether the handshake in progress negotiated a PSK suite."""
+    cipher = lib.SSL_get_pending_cipher(ssl)
+    if cipher == ffi.NULL:
+        cipher = lib.SSL_get_current_cipher(ssl)
+    return cipher != ffi.NULL and "PSK" in ffi.string(lib.SSL_CIPHER_get_name(cipher)).decode()

@@ -15,7 +15,7 @@ import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 from ._errors import ConnectionClosed as ConnectionClosedError
 from ._errors import DtlsError, LimitExceeded
@@ -24,11 +24,18 @@ from .context import DtlsContext, address_parts
 from .engine import ConnectionState, Dtls
 
 __all__ = ["ConnectionEstablished", "ConnectionTerminated", "DataReceived", "DtlsServer",
-           "ServerEvent", "ServerStats"]
+           "PeerPins", "ServerEvent", "ServerStats", "ServerVerifyPeer"]
 
 #: A socket address tuple as ``recvfrom`` gives it, or any hashable key an
 #: application demultiplexing by itself uses.
 Address = Any
+#: Fingerprints a peer's certificate must match, per address: a mapping, or a
+#: function of the address; None (or a missing key) means no pin for that peer.
+Pins = Union[str, Sequence[str], None]
+PeerPins = Union[Mapping[Address, Pins], Callable[[Address], Pins]]
+#: ``verify_peer(address, fingerprint, psk_identity) -> bool``, asked inside
+#: each handshake; False fails it with bad_certificate / unknown_psk_identity.
+ServerVerifyPeer = Callable[[Address, Union[str, None], Union[str, None]], bool]
 _pd_feed = lib.pd_feed
 _pd_cookie_hello = lib.pd_cookie_hello
 _unpack = ffi.unpack
@@ -106,25 +113,45 @@ class DtlsServer:
     before an association is closed, ``max_queued_bytes`` of unsent data per
     peer (``send()`` raises ``LimitExceeded`` beyond it). A peer quiet for
     ``release_after`` seconds gives back its buffers (~2 KB with the engine's
-    record layer, ~33 KB with libssl's); they return on its next datagram. ``clock`` (seconds, monotonic) is injectable
-    for tests; retransmission timers are OpenSSL's.
+    record layer, ~33 KB with libssl's); they return on its next datagram.
+    ``handshake_timeout`` defaults to the context's. ``clock`` (seconds,
+    monotonic) is injectable for tests; retransmission timers are OpenSSL's.
+
+    Per-peer verification, inside each handshake: ``expected_peer_fingerprint``
+    maps an address to the fingerprint(s) its certificate must match (a
+    mapping, or a function of the address, e.g. fed by SDP offers); a
+    mismatch fails that handshake with bad_certificate. ``verify_peer(address,
+    fingerprint, psk_identity) -> bool`` has the last word on each peer's
+    certificate (after its pin) or PSK identity; False fails the handshake.
     """
 
     def __init__(self, context: DtlsContext, *, max_handshakes: int = 1024,
-                 max_connections: int = 100_000, handshake_timeout: float = 30.0,
+                 max_connections: int = 100_000, handshake_timeout: float | None = None,
                  idle_timeout: float = 600.0, max_queued_bytes: int = 256 * 1024,
                  release_after: float = 2.0,
+                 expected_peer_fingerprint: PeerPins | None = None,
+                 verify_peer: ServerVerifyPeer | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not context.has_certificate and context.psk_keys is None:
             raise ValueError("a DTLS server context needs cert= and key=, or psk_keys=")
         if min(max_handshakes, max_connections, max_queued_bytes) <= 0:
             raise ValueError("limits must be positive")
-        if handshake_timeout <= 0 or idle_timeout <= 0 or release_after <= 0:
+        if handshake_timeout is None:
+            handshake_timeout = context.handshake_timeout
+        if (handshake_timeout is not None and handshake_timeout <= 0) or idle_timeout <= 0 \
+                or release_after <= 0:
             raise ValueError("timeouts must be positive")
+        if expected_peer_fingerprint is not None and not (
+                callable(expected_peer_fingerprint) or isinstance(expected_peer_fingerprint, Mapping)):
+            raise TypeError("expected_peer_fingerprint must be a mapping or a function of the address")
+        if verify_peer is not None and not callable(verify_peer):
+            raise TypeError("verify_peer must be a function (address, fingerprint, psk_identity) -> bool")
+        self.expected_peer_fingerprint = expected_peer_fingerprint
+        self.verify_peer = verify_peer
         self.context = context
         self.max_handshakes = max_handshakes
         self.max_connections = max_connections
-        self.handshake_timeout = handshake_timeout
+        self.handshake_timeout = float("inf") if handshake_timeout is None else handshake_timeout
         self.idle_timeout = idle_timeout
         self.max_queued_bytes = max_queued_bytes
         self.release_after = release_after
@@ -198,9 +225,22 @@ class DtlsServer:
             return False
         return True
 
-    def _new_engine(self, datagram: bytes) -> Dtls | None:
-        engine = Dtls(is_server=True, context=self.context)
+    def _pins_for(self, address: Address) -> Pins:
+        pins = self.expected_peer_fingerprint
+        if pins is None:
+            return None
+        if isinstance(pins, Mapping):
+            return pins.get(address)
+        return pins(address)
+
+    def _new_engine(self, datagram: bytes, address: Address) -> Dtls | None:
+        hook = self.verify_peer
         try:
+            engine = Dtls(is_server=True, context=self.context,
+                          expected_peer_fingerprint=self._pins_for(address),
+                          verify_peer=None if hook is None else (
+                              lambda fingerprint, identity: hook(address, fingerprint, identity)),
+                          handshake_timeout=None)  # the core keeps the deadline, on its clock
             engine._accept_hello(datagram)
         except DtlsError:
             self._stats.handshakes_failed += 1
@@ -211,7 +251,7 @@ class DtlsServer:
     def _admit_stranger(self, datagram: bytes, address: Address) -> None:
         if not self._admit():
             return
-        engine = self._new_engine(datagram)
+        engine = self._new_engine(datagram, address)
         if engine is None:
             return
         now = self._clock()
@@ -237,6 +277,7 @@ class DtlsServer:
 
     def _after_handshake_step(self, peer: _Peer) -> None:
         if peer.conn.state == lib.PD_STATE_ESTABLISHED:
+            peer.engine._drop_hook()
             peer.established = True
             self._handshaking -= 1
             self._stats.handshakes_completed += 1
@@ -257,7 +298,7 @@ class DtlsServer:
         if self._handshaking >= self.max_handshakes:
             self._stats.refused_by_limit += 1
             return
-        peer.replacement = self._new_engine(datagram)
+        peer.replacement = self._new_engine(datagram, peer.address)
         if peer.replacement is not None:
             self._handshaking += 1
             self._queue_replacement_output(peer)
@@ -273,6 +314,7 @@ class DtlsServer:
             return
         self._queue_replacement_output(peer)
         if replacement.is_handshake_finished():
+            replacement._drop_hook()
             old = peer.engine
             self._events.append(ConnectionTerminated(peer.address, "peer restarted"))
             old.close()
@@ -396,7 +438,7 @@ class DtlsServer:
                 continue
             if now >= peer.deadline:
                 self._stats.handshakes_failed += 1
-                self._terminate(peer, "handshake timeout")
+                self._terminate(peer, "handshake timeout", peer.engine._expire())
                 continue
             try:
                 peer.engine.handle_timeout()

@@ -65,3 +65,25 @@ def test_readme_asyncio_snippet_runs(tmp_path: Path, monkeypatch: object) -> Non
 
 def test_readme_socket_snippet_compiles() -> None:
     compile(block_with("wrap_socket"), "README.md", "exec")
+
+
+def test_readme_per_peer_pin_snippet_runs(certs: object) -> None:
+    from pydtls_ossl import Dtls, DtlsContext
+    from pydtls_ossl.server import ConnectionEstablished, ConnectionTerminated
+
+    from .test_server import Net
+
+    snippet = block_with("expected_peer_fingerprint=offers")
+    namespace: dict[str, object] = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    core, alice, server_cert = namespace["core"], namespace["alice"], namespace["server_cert"]
+    net = Net(core)  # type: ignore[arg-type]
+    for port, cert in ((5004, alice), (5004 + 1, alice)):
+        net.add(("127.0.0.1", port), Dtls(context=DtlsContext(
+            cert.cert_pem, cert.key_pem, initial_rto=0.05),  # type: ignore[attr-defined]
+            expected_peer_fingerprint=server_cert.fingerprint()))  # type: ignore[attr-defined]
+    net.run(lambda: core.handshaking == 0 and sum(  # type: ignore[attr-defined]
+        isinstance(e, (ConnectionEstablished, ConnectionTerminated)) for e in net.events) == 2)
+    outcomes = {e.address[1]: type(e).__name__ for e in net.events
+                if isinstance(e, (ConnectionEstablished, ConnectionTerminated))}
+    assert outcomes == {5004: "ConnectionEstablished", 5005: "ConnectionTerminated"}
