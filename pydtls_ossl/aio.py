@@ -295,6 +295,7 @@ class AsyncDtlsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._max_queued = max_queued_records
         self._closed = asyncio.Event()
+        self._core.wakeup = lambda: self._loop.call_soon_threadsafe(self._send_datagrams)
 
     @property
     def core(self) -> DtlsServer:

@@ -86,6 +86,7 @@ class ServerStats:
     refused_by_limit: int = 0
     dropped: int = 0
     restarts: int = 0
+    sends_dropped: int = 0  # send_threadsafe() records whose peer was gone or over a limit
 
 
 class _Peer:
@@ -168,6 +169,9 @@ class DtlsServer:
         self._hello_verify_requests = 0
         self._hvr = ffi.new("unsigned char[]", lib.PD_HVR_LEN)
         self._hvr_chars = ffi.cast("char *", self._hvr)  # unpacks to bytes, not ints
+        self._foreign: deque[tuple[Address, bytes]] = deque()
+        #: Called (from the sending thread) by ``send_threadsafe()``; drivers set it.
+        self.wakeup: Callable[[], None] | None = None
 
     # ------------------------------------------------------------- input
 
@@ -334,6 +338,8 @@ class DtlsServer:
 
     def datagrams_to_send(self, limit: int | None = None) -> list[tuple[bytes, Address]]:
         """Datagrams due now, one per peer per round so no peer starves the others."""
+        if self._foreign:
+            self._take_foreign_sends()
         out = self._stateless
         self._stateless = []
         dirty = self._dirty
@@ -359,6 +365,30 @@ class DtlsServer:
             peer.dirty = True
             self._dirty.append(peer)
         return n
+
+    def send_threadsafe(self, address: Address, data: bytes) -> None:
+        """Queue one record for a peer from any thread.
+
+        The one thread-safe entry point: everything else on a ``DtlsServer``
+        belongs to the thread that drives it. The record is written by that
+        thread at its next ``datagrams_to_send()``; ``wakeup`` (if set) is
+        called here so a driver blocked in a wait notices. A record whose peer
+        is gone by then, or that ``send()`` would refuse, is counted in
+        ``stats.sends_dropped``.
+        """
+        self._foreign.append((address, bytes(data)))  # deque.append is atomic
+        wakeup = self.wakeup
+        if wakeup is not None:
+            wakeup()
+
+    def _take_foreign_sends(self) -> None:
+        foreign = self._foreign
+        while foreign:
+            address, data = foreign.popleft()
+            try:
+                self.send(address, data)
+            except (DtlsError, ValueError):
+                self._stats.sends_dropped += 1
 
     def close(self, address: Address) -> None:
         """Send close_notify to a peer and forget it."""

@@ -178,6 +178,11 @@ class DtlsListener:
             raise
         self._sock.setblocking(False)
         self.core = DtlsServer(context, **limits)
+        # send_threadsafe() from any thread interrupts the wait through this pair
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.core.wakeup = self._wake
         self._lock = threading.RLock()
         self._accepted: deque[DtlsConnection] = deque()
         self._connections: dict[Address, DtlsConnection] = {}
@@ -201,6 +206,12 @@ class DtlsListener:
                     raise ConnectionClosed("the listener is closed")
                 self._pump(deadline)
 
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the listener is closed
+
     def _pump(self, deadline: float | None) -> None:
         """One turn: wait for a datagram or a timer, process, send what is due."""
         timer = self.core.get_timeout()
@@ -209,8 +220,13 @@ class DtlsListener:
         wait = max(0.0, min(waits))
         if deadline is not None and wait <= 0 and time.monotonic() >= deadline:
             raise TimeoutError("timed out")
-        readable, _, _ = select.select([self._sock], [], [], wait)
-        if readable:
+        readable, _, _ = select.select([self._sock, self._wake_r], [], [], wait)
+        if self._wake_r in readable:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+        if self._sock in readable:
             for _ in range(64):  # a burst, but others get their turn
                 try:
                     datagram, address = self._sock.recvfrom(_MAX_DATAGRAM)
@@ -257,6 +273,8 @@ class DtlsListener:
             self._route_events()
             self._send_due()
             self._sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def __enter__(self) -> DtlsListener:
         return self
