@@ -295,11 +295,15 @@ class AsyncDtlsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._max_queued = max_queued_records
         self._closed = asyncio.Event()
-        self._core.wakeup = lambda: self._loop.call_soon_threadsafe(self._send_datagrams)
+        self._core.wakeup = self._wake
 
     @property
     def core(self) -> DtlsServer:
         return self._core
+
+    def _wake(self) -> None:
+        """From any thread: send what ``core.send_threadsafe()`` queued."""
+        self._loop.call_soon_threadsafe(self._send_datagrams)
 
     @property
     def sockets(self) -> list[socket.socket]:
