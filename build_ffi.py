@@ -147,6 +147,7 @@ int SSL_CIPHER_get_bits(const SSL_CIPHER *, int *);
 X509 *SSL_get0_peer_certificate(const SSL *);
 long SSL_get_verify_result(const SSL *);
 int SSL_session_reused(const SSL *);
+int SSL_is_server(const SSL *);
 int SSL_export_keying_material(SSL *, unsigned char *, size_t, const char *,
                                size_t, const unsigned char *, size_t, int);
 #define DTLS1_2_VERSION ...
@@ -237,6 +238,7 @@ typedef struct pd_conn {
     unsigned long long handshake_timeout_ns;
     int deadline_passed;
     unsigned int protected_seen;
+    int keep_session;
     ...;
 } pd_conn;
 typedef struct { ...; } pd_cookie_keys;
@@ -281,11 +283,43 @@ pd_conn *pd_conn_of(const SSL *);
 void pd_expire(pd_conn *);
 int pd_ctx_level_for_ciphers(SSL_CTX *);
 extern "Python" int pd_verify_hook_cb(void *, const unsigned char *, int);
+int pd_extms(pd_conn *);
+"""
+
+SESSIONS = """
+typedef ... SSL_SESSION;
+typedef struct { ...; } pd_ticket_secret;
+#define PD_TICKET_SECRET_MAX ...
+int pd_ctx_fleet_tickets(SSL_CTX *, pd_ticket_secret *);
+void pd_ticket_secret_set(pd_ticket_secret *, const unsigned char *, size_t, unsigned long long);
+void pd_ticket_secret_clear(pd_ticket_secret *);
+int pd_set_session(pd_conn *, const unsigned char *, size_t);
+long pd_session_peer(const unsigned char *, size_t, unsigned char *, size_t, long *, int *);
+long pd_session_bytes(pd_conn *, unsigned char *, size_t);
+const unsigned char *pd_session_id(SSL_SESSION *, unsigned int *);
+long pd_session_to_der(SSL_SESSION *, unsigned char *, size_t);
+SSL_SESSION *pd_session_from_der(const unsigned char *, size_t);
+void pd_ctx_session_callbacks(SSL_CTX *, int, int);
+int pd_ctx_verify_leaf(SSL_CTX *, const unsigned char *, size_t, const char *);
+extern "Python" int pd_new_session_py(SSL *, SSL_SESSION *);
+extern "Python" SSL_SESSION *pd_get_session_py(SSL *, const unsigned char *, int, int *);
+extern "Python" void pd_remove_session_py(SSL_CTX *, SSL_SESSION *);
+long SSL_CTX_sess_set_cache_size(SSL_CTX *, long);
+long SSL_CTX_set_timeout(SSL_CTX *, long);
+long SSL_CTX_ctrl(SSL_CTX *, int, long, void *);
+int SSL_CTX_set_session_id_context(SSL_CTX *, const unsigned char *, unsigned int);
+int SSL_set_session_id_context(SSL *, const unsigned char *, unsigned int);
+uint64_t SSL_set_options(SSL *, uint64_t);
+#define SSL_SESS_CACHE_CLIENT ...
+#define SSL_SESS_CACHE_SERVER ...
+#define SSL_SESS_CACHE_NO_INTERNAL ...
+#define SSL_OP_NO_TICKET ...
 """
 
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
-           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h")
+           "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h",
+           "openssl/rand.h", "openssl/core_names.h", "openssl/params.h")
 
 
 def _source() -> str:
@@ -295,13 +329,14 @@ def _source() -> str:
         '#error "pydtls_ossl needs OpenSSL 3.0 or newer"\n'
         "#endif\n"
     )
-    sources = "".join((HERE / "csrc" / name).read_text() for name in ("cookie.c", "engine.c", "records.c"))
+    sources = "".join((HERE / "csrc" / name).read_text()
+                      for name in ("cookie.c", "engine.c", "records.c", "sessions.c"))
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 
 
 ffi = FFI()
-ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE)
+ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

@@ -100,6 +100,7 @@ typedef struct pd_conn {
     unsigned long long deadline_ns;
     int deadline_passed;
     unsigned int protected_seen;     /* peer records at epoch >= 1 before the handshake ended */
+    int keep_session;                /* a client keeps its session's bytes past the handover */
 } pd_conn;
 
 /* Where pd_rl_feed puts application data: the plaintext queue (no sink),
@@ -112,6 +113,8 @@ typedef struct pd_sink {
 } pd_sink;
 struct pd_rl;
 static int pd_records_init(void);
+static int pd_sessions_init(void);
+static long pd_session_der(SSL_SESSION *session, unsigned char **out);
 static void pd_rl_free(struct pd_rl *rl);
 static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *sink);
 static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len);
@@ -476,7 +479,7 @@ int pd_init(void)
     if (pd_bio_method != NULL)
         return 1;
     pd_ex_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
-    if (pd_ex_index < 0 || !pd_records_init())
+    if (pd_ex_index < 0 || !pd_records_init() || !pd_sessions_init())
         return 0;
     pd_bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK,
                                  "pydtls_ossl datagram");

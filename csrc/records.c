@@ -50,6 +50,12 @@ struct pd_rl {
     char *psk_identity;
     unsigned char *alpn;
     unsigned int alpn_len;
+    int extms;                      /* extended master secret (RFC 7627) was used */
+    unsigned char *session_der;     /* a client's session, to resume later */
+    long session_der_len;
+    SSL_CTX *cache_ctx;             /* a server's session cache (borrowed), and its entry */
+    unsigned char sid[SSL_MAX_SSL_SESSION_ID_LENGTH];
+    unsigned int sid_len;
 };
 
 static EVP_CIPHER *pd_aes128gcm = NULL, *pd_aes256gcm = NULL, *pd_chacha = NULL;
@@ -194,6 +200,10 @@ static void pd_rl_free(struct pd_rl *rl)
     free(rl->peer_der);
     free(rl->psk_identity);
     free(rl->alpn);
+    if (rl->session_der != NULL) {
+        OPENSSL_cleanse(rl->session_der, (size_t)rl->session_der_len); /* holds the master secret */
+        OPENSSL_free(rl->session_der);
+    }
     OPENSSL_cleanse(rl->secret, sizeof(rl->secret));
     free(rl);
 }
@@ -317,6 +327,20 @@ static void pd_rl_resend_flight(pd_conn *c)
     }
 }
 
+/* A fatal alert ends the session too (RFC 5246 §7.2.2): out of the server's cache. */
+static void pd_rl_forget_session(struct pd_rl *rl)
+{
+    SSL_SESSION *probe;
+    if (rl->cache_ctx == NULL || rl->sid_len == 0 || (probe = SSL_SESSION_new()) == NULL)
+        return;
+    if (SSL_SESSION_set1_id(probe, rl->sid, rl->sid_len) == 1
+            && SSL_SESSION_set_protocol_version(probe, DTLS1_2_VERSION) == 1)
+        SSL_CTX_remove_session(rl->cache_ctx, probe);
+    SSL_SESSION_free(probe);
+    rl->cache_ctx = NULL;
+    ERR_clear_error();
+}
+
 /* An authenticated alert or handshake message. */
 static void pd_rl_control(pd_conn *c, int type, const unsigned char *p, long len)
 {
@@ -326,6 +350,7 @@ static void pd_rl_control(pd_conn *c, int type, const unsigned char *p, long len
             return;
         pd_rl_peer_done(rl);
         if (p[0] == SSL3_AL_FATAL) {
+            pd_rl_forget_session(rl);
             c->alert_received = SSL3_AL_FATAL << 8 | p[1];
             c->ssl_error = SSL_ERROR_SSL;
             c->state = PD_STATE_FAILED;
@@ -529,6 +554,10 @@ static int pd_snapshot(pd_conn *c, struct pd_rl *rl)
     rl->cipher = SSL_get_current_cipher(s);
     rl->srtp = SSL_get_selected_srtp_profile(s);
     rl->session_reused = SSL_session_reused(s);
+    rl->extms = (int)SSL_get_extms_support(s);
+    if (c->keep_session && !c->is_server
+            && (rl->session_der_len = pd_session_der(SSL_get_session(s), &rl->session_der)) < 0)
+        return 0;
     if (peer != NULL && (rl->peer_der_len = i2d_X509(peer, &rl->peer_der)) <= 0)
         return 0;
     if (identity != NULL && (rl->psk_identity = OPENSSL_strdup(identity)) == NULL)
@@ -610,6 +639,15 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
             pd_rl_mark(rl, pd_seq48(e->data + 5));
     }
     EVP_CIPHER_CTX_free(check);
+    if (c->is_server && (SSL_CTX_get_session_cache_mode(SSL_get_SSL_CTX(s)) & SSL_SESS_CACHE_SERVER)) {
+        const unsigned char *sid = SSL_SESSION_get_id(session, &rl->sid_len);
+        if (rl->sid_len > sizeof(rl->sid))
+            rl->sid_len = 0;
+        memcpy(rl->sid, sid, rl->sid_len);
+        rl->cache_ctx = SSL_get_SSL_CTX(s); /* the engine's owner keeps its context alive */
+    }
+    /* Freed without close_notify, OpenSSL would drop the session from its cache. */
+    SSL_set_shutdown(s, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
     SSL_free(s);
     c->ssl = NULL;
     c->rl = rl;
@@ -672,6 +710,12 @@ const SSL_CIPHER *pd_cipher(pd_conn *c)
 const SRTP_PROTECTION_PROFILE *pd_srtp_profile(pd_conn *c)
 {
     return c->rl ? c->rl->srtp : c->ssl ? SSL_get_selected_srtp_profile(c->ssl) : NULL;
+}
+
+/* 1 when the handshake used the extended master secret (RFC 7627). */
+int pd_extms(pd_conn *c)
+{
+    return c->rl ? c->rl->extms : c->ssl ? (int)SSL_get_extms_support(c->ssl) : 0;
 }
 
 int pd_session_reused(pd_conn *c)

@@ -8,7 +8,7 @@ share. See README.md for a tour.
 
 from ._errors import (Alert, AlertDescription, AlertReceived, CertificateError,
                       ConfigurationError, ConnectionClosed, DtlsError, FingerprintMismatch,
-                      HandshakeError, InternalError, LimitExceeded)
+                      HandshakeError, InternalError, LimitExceeded, ResumptionWarning)
 from ._ffi import openssl_version
 from .certs import (Certificate, certificate_fingerprint, fingerprints_equal, format_fingerprint,
                     generate_certificate, parse_fingerprint)
@@ -17,6 +17,7 @@ from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
 from .server import (ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer,
                      ServerStats)
 from .srtp import SrtpKeys, SrtpProfile
+from .stores import MemorySessionStore, SessionStore
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,7 @@ __all__ = [
     "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionState",
     "ConnectionTerminated", "DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DataReceived", "Dtls",
     "DtlsContext", "DtlsError", "DtlsServer", "ServerStats", "FINISHED", "FingerprintMismatch",
-    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "SrtpKeys",
+    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "ResumptionWarning", "MemorySessionStore", "SessionStore", "SrtpKeys",
     "SrtpProfile", "Verify",
     "certificate_fingerprint", "fingerprints_equal", "format_fingerprint",
     "generate_certificate", "openssl_version", "parse_fingerprint",

@@ -40,7 +40,11 @@ def take_callback_error() -> BaseException | None:
 
 
 def _context(ssl: Any) -> DtlsContext | None:
-    handle = lib.SSL_CTX_get_ex_data(lib.SSL_get_SSL_CTX(ssl), 0)
+    return _context_of_ctx(lib.SSL_get_SSL_CTX(ssl))
+
+
+def _context_of_ctx(ctx: Any) -> DtlsContext | None:
+    handle = lib.SSL_CTX_get_ex_data(ctx, 0)
     if handle == ffi.NULL:
         return None
     ref: weakref.ref[DtlsContext] = ffi.from_handle(handle)
@@ -135,3 +139,70 @@ def install(context: DtlsContext) -> Any:
     if context.keylog is not None:
         lib.SSL_CTX_set_keylog_callback(context.ssl_ctx, lib.pd_keylog_cb)
     return handle
+
+
+# ------------------------------------------------------------- sessions
+# Store and notification failures are logged and count as misses: a session
+# cache that is down costs full handshakes, never a failed one.
+
+def _session_id(session: Any) -> bytes:
+    length = ffi.new("unsigned int *")
+    data = lib.pd_session_id(session, length)
+    return bytes(ffi.buffer(data, length[0]))
+
+
+def _session_der(session: Any) -> bytes | None:
+    n = lib.pd_session_to_der(session, ffi.NULL, 0)
+    if n == 0:
+        return None
+    buf = ffi.new("unsigned char[]", -n)
+    n = lib.pd_session_to_der(session, buf, len(buf))
+    return bytes(ffi.buffer(buf, n)) if n > 0 else None
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_new_session_py(ssl: Any, session: Any) -> int:
+    try:
+        context = _context(ssl)
+        der = None if context is None else _session_der(session)
+        if context is None or der is None:
+            return 0
+        resumption = context.resumption
+        session_id = _session_id(session)
+        if resumption.new is not None and lib.SSL_is_server(ssl):
+            try:
+                resumption.new(session_id, der)
+            except Exception:
+                _log.exception("pydtls_ossl: session_new failed; the session is not stored")
+        if resumption.on_new_session is not None:
+            from ._resumption import frame_session
+            resumption.on_new_session(session_id, frame_session(der))
+    except Exception:
+        _log.exception("pydtls_ossl: on_new_session failed")
+    return 0  # OpenSSL keeps no extra reference
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_get_session_py(ssl: Any, session_id: Any, length: int, copy: Any) -> Any:
+    copy[0] = 0  # the session returned is OpenSSL's to free
+    try:
+        context = _context(ssl)
+        if context is None or context.resumption.get is None or length <= 0:
+            return ffi.NULL
+        der = context.resumption.get(bytes(ffi.buffer(session_id, length)))
+        if der is None:
+            return ffi.NULL
+        return lib.pd_session_from_der(bytes(der), len(der))
+    except Exception:
+        _log.exception("pydtls_ossl: session_get failed; doing a full handshake")
+        return ffi.NULL
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def pd_remove_session_py(ctx: Any, session: Any) -> None:
+    try:
+        context = _context_of_ctx(ctx)
+        if context is not None and context.resumption.remove is not None:
+            context.resumption.remove(_session_id(session))
+    except Exception:
+        _log.exception("pydtls_ossl: session_remove failed")

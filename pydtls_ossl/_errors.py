@@ -22,6 +22,7 @@ __all__ = [
     "HandshakeError",
     "InternalError",
     "LimitExceeded",
+    "ResumptionWarning",
 ]
 
 
@@ -148,6 +149,11 @@ class AlertReceived(DtlsError):
     def __init__(self, alert: Alert, reasons: tuple[str, ...] = ()) -> None:
         super().__init__(f"peer sent {alert}", reasons)
         self.alert = alert
+
+
+class ResumptionWarning(UserWarning):
+    """A saved session was not offered (corrupt, expired, foreign, or failing the
+    pins or CA it must pass); the handshake is a full one instead."""
 
 
 for _name in __all__:

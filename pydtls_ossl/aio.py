@@ -230,14 +230,17 @@ class _ClientProtocol(asyncio.DatagramProtocol):
 async def connect(host: str, port: int, *, context: DtlsContext | None = None,
                   expected_peer_fingerprint: str | list[str] | None = None,
                   server_hostname: str | None = None, timeout: float | None = 30.0,
-                  local_addr: tuple[str, int] | None = None) -> AsyncDtlsConnection:
+                  local_addr: tuple[str, int] | None = None,
+                  session: bytes | None = None) -> AsyncDtlsConnection:
     """Open a UDP socket to ``host:port`` and complete a DTLS handshake.
 
-    Cancelling (or the timeout) closes the socket and frees the association.
+    ``session=`` (bytes from an earlier connection's ``session()``) asks to
+    resume. Cancelling (or the timeout) closes the socket and frees the
+    association.
     """
     loop = asyncio.get_running_loop()
     engine = Dtls(context=context, expected_peer_fingerprint=expected_peer_fingerprint,
-                  server_hostname=server_hostname)
+                  server_hostname=server_hostname, session=session)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: _ClientProtocol(engine, loop), remote_addr=(host, port), family=family,

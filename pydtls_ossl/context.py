@@ -22,6 +22,8 @@ from .certs import (CertificateSource, format_fingerprint, load_certificates,
                     load_private_key, x509_digest)
 from ._callbacks import ClientPsk, ServerPsk
 from ._callbacks import install as install_callbacks
+from ._resumption import OnNewSession, Resumption, SessionGet, SessionNew, SessionRemove
+from .stores import SessionStore
 from .srtp import SrtpProfile
 
 __all__ = ["DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DEFAULT_PSK_CIPHERS", "CookieSecret", "DtlsContext", "Verify",
@@ -208,6 +210,19 @@ class DtlsContext:
         keylog: str | os.PathLike[str] | None = None,
         record_layer: Literal["engine", "openssl"] = "engine",
         handshake_timeout: float | None = 30.0,
+        session: bytes | None = None,
+        on_new_session: OnNewSession | None = None,
+        session_cache: bool = True,
+        session_cache_size: int = 20480,
+        session_timeout: float = 300,
+        session_context_id: bytes | None = None,
+        session_tickets: bool = True,
+        session_get: SessionGet | None = None,
+        session_new: SessionNew | None = None,
+        session_remove: SessionRemove | None = None,
+        ticket_secret: bytes | None = None,
+        ticket_period: float = 3600.0,
+        session_store: SessionStore | None = None,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
@@ -239,6 +254,13 @@ class DtlsContext:
         self.srtp_required = bool(self.srtp_profiles) and srtp_required
         self.cookies = (cookie_secret if isinstance(cookie_secret, CookieSecret)
                         else CookieSecret(cookie_secret))
+        self.resumption = Resumption(
+            session=session, on_new_session=on_new_session, cache=session_cache,
+            cache_size=session_cache_size, timeout=session_timeout, context_id=session_context_id,
+            tickets=session_tickets, get=session_get, new=session_new, remove=session_remove,
+            ticket_secret=ticket_secret, ticket_period=ticket_period, store=session_store)
+        if self.verify in (Verify.CA, Verify.ANY_CERTIFICATE) and cert is not None:
+            self.resumption.require_context_id("a server context that")
 
         ctx = check_ptr(lib.SSL_CTX_new(lib.DTLS_method()), InternalError, "SSL_CTX_new")
         self._ctx = ffi.gc(ctx, lib.SSL_CTX_free)
@@ -264,8 +286,8 @@ class DtlsContext:
             self._configure(ciphers, groups)
             if named_suites and security_level is None:
                 self._level_for_named_suites(ciphers)
-            if psk is not None or psk_keys is not None or self.keylog is not None:
-                self._psk_handle = install_callbacks(self)
+            self._psk_handle = install_callbacks(self)
+            self.resumption.install(ctx, cert is not None or psk_keys is not None)
             if self.alpn_protocols:
                 self._configure_alpn()
             if psk_identity_hint is not None:
@@ -294,8 +316,6 @@ class DtlsContext:
               f"security_level= lowered on purpose)")
         check(lib.SSL_CTX_set1_groups_list(ctx, groups.encode()), ConfigurationError,
               f"bad groups list {groups!r}")
-        # Stateless resumption (tickets) needs no server cache; memory stays flat.
-        lib.SSL_CTX_set_session_cache_mode(ctx, lib.SSL_SESS_CACHE_OFF)
         lib.pd_ctx_enable_cookies(ctx)
         mode = lib.SSL_VERIFY_NONE
         if self.verify is Verify.CA:
@@ -366,14 +386,16 @@ class DtlsContext:
 
     def wrap_socket(self, sock: Any, server_side: bool = False, server_hostname: str | None = None,
                     expected_peer_fingerprint: str | Sequence[str] | None = None,
-                    do_handshake_on_connect: bool = True, *, cookies: bool = True) -> Any:
+                    do_handshake_on_connect: bool = True, *, cookies: bool = True,
+                    session: bytes | None = None) -> Any:
         """A blocking ``DtlsSocket`` on a UDP socket, in the manner of ``ssl``.
 
         A connected socket shakes hands at once (unless told not to); otherwise
         ``connect()`` does. ``server_side=True`` serves the one peer the socket
         is connected to and, unless ``cookies=False``, first makes it prove its
         address with the stateless cookie exchange (a HelloVerifyRequest).
-        Many peers on one socket: ``listen()``.
+        Many peers on one socket: ``listen()``. A client's ``session=`` (bytes
+        from an earlier ``session()``) asks to resume.
         """
         from .engine import Dtls
         from .sockets import DtlsSocket
@@ -386,7 +408,7 @@ class DtlsContext:
                                  "socket talks to: connect() it first, or use listen()") from None
         engine = Dtls(is_server=server_side, context=self, server_hostname=server_hostname,
                       expected_peer_fingerprint=expected_peer_fingerprint,
-                      peer_address=peer if cookies else None)
+                      peer_address=peer if cookies else None, session=session)
         return DtlsSocket(sock, engine, do_handshake_on_connect)
 
     def listen(self, address: Any, **limits: Any) -> Any:

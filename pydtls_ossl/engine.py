@@ -10,6 +10,7 @@ something failed.
 from __future__ import annotations
 
 import enum
+import os
 from typing import Any, Callable, Sequence
 
 from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError,
@@ -17,6 +18,7 @@ from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError
                       InternalError)
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from ._callbacks import take_callback_error
+from ._resumption import frame_session, offer_session
 from .certs import (CertificateSource, certificate_fingerprint, digest_for, parse_fingerprint,
                     x509_to_der)
 from .context import DtlsContext, Verify, _seconds_to_us, address_parts, check_mtu
@@ -139,6 +141,7 @@ class Dtls:
         peer_address: Any = None,
         handshake_timeout: float | None | _Unset = _UNSET,
         verify_peer: VerifyPeer | None = None,
+        session: bytes | None = None,
     ) -> None:
         self._conn: Any = _DEAD
         self._hook: Any = None
@@ -196,6 +199,25 @@ class Dtls:
             check(lib.SSL_set_tlsext_host_name(conn.ssl, name), ConfigurationError, "bad server_hostname")
             if mode is Verify.CA:
                 check(lib.SSL_set1_host(conn.ssl, name), ConfigurationError, "bad server_hostname")
+        resumption = context.resumption
+        if is_server:
+            if session is not None:
+                raise ValueError("session= (resuming a saved session) is for clients")
+            if verify_peer is not None:
+                # the hook must see every peer: no session made here is ever resumed
+                lib.SSL_set_options(conn.ssl, lib.SSL_OP_NO_TICKET)
+                sid = os.urandom(32)
+                lib.SSL_set_session_id_context(conn.ssl, sid, len(sid))
+            else:
+                if pins:
+                    resumption.require_context_id("a server engine that pins client certificates")
+                sid = resumption.server_sid_ctx(mode.value, pins)
+                lib.SSL_set_session_id_context(conn.ssl, sid, len(sid))
+        else:
+            conn.keep_session = 1
+            saved = session if session is not None else resumption.session
+            if saved is not None:
+                offer_session(conn, context, bytes(saved), pins, mode, server_hostname)
         drain_errors()
 
     # ------------------------------------------------------------ hot path
@@ -447,7 +469,33 @@ class Dtls:
                 int(lib.SSL_CIPHER_get_bits(c, ffi.NULL)))
 
     def session_reused(self) -> bool:
+        """Whether the handshake resumed a session (an abbreviated handshake)."""
         return self._conn is not _DEAD and bool(lib.pd_session_reused(self._conn))
+
+    def session(self) -> bytes | None:
+        """A client's session, serialized, to pass as ``session=`` next time; None
+        before the handshake, on servers, or when the server made it unresumable.
+
+        The bytes are OpenSSL's DER (``i2d_SSL_SESSION``) followed by a check,
+        so damaged bytes are refused with a warning instead of being offered;
+        ``session=`` also takes bare DER. They hold the session's master
+        secret: store them as a secret.
+        """
+        conn = self._after_handshake()
+        if conn is None or conn.is_server:
+            return None
+        n = lib.pd_session_bytes(conn, ffi.NULL, 0)
+        if n <= 0:
+            return None
+        buf = ffi.new("unsigned char[]", n)
+        lib.pd_session_bytes(conn, buf, n)
+        return frame_session(bytes(ffi.buffer(buf, n)))
+
+    @property
+    def extended_master_secret(self) -> bool:
+        """Whether the handshake used the extended master secret (RFC 7627)."""
+        conn = self._after_handshake()
+        return conn is not None and bool(lib.pd_extms(conn))
 
     def export_keys(self, label: str | bytes, length: int, context: bytes | None = None) -> bytes:
         """RFC 5705 keying material; DTLS-SRTP uses label 'EXTRACTOR-dtls_srtp'.

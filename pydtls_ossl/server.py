@@ -147,6 +147,8 @@ class DtlsServer:
             raise TypeError("expected_peer_fingerprint must be a mapping or a function of the address")
         if verify_peer is not None and not callable(verify_peer):
             raise TypeError("verify_peer must be a function (address, fingerprint, psk_identity) -> bool")
+        if expected_peer_fingerprint is not None:
+            context.resumption.require_context_id("a DtlsServer that pins client certificates")
         self.expected_peer_fingerprint = expected_peer_fingerprint
         self.verify_peer = verify_peer
         self.context = context

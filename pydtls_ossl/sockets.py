@@ -70,6 +70,13 @@ class Introspection:
     def psk_identity(self) -> str | None:
         return self._engine.psk_identity()
 
+    def session(self) -> bytes | None:
+        """A client's session, to pass as ``session=`` when reconnecting."""
+        return self._engine.session()
+
+    def session_reused(self) -> bool:
+        return self._engine.session_reused()
+
     @property
     def engine(self) -> Dtls:
         """The sans-IO engine underneath, for everything else."""

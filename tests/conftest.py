@@ -68,3 +68,50 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required for interop tests (PYDTLS_REQUIRE_INTEROP is set)")
         pytest.skip(f"{name} not installed (apt-get install {'gnutls-bin' if 'gnutls' in name else name})")
     return path
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, which a test may stop and restart."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+        import subprocess
+        import time
+        self._subprocess, self._time, self._socket = subprocess, time, socket
+        self.path = path
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = self._subprocess.Popen(
+            [self.path, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no"], stdout=self._subprocess.DEVNULL, stderr=self._subprocess.STDOUT)
+        deadline = self._time.monotonic() + 10
+        while True:
+            try:
+                with self._socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self._time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            self._time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(require_tool("redis-server"))
+    yield server
+    server.stop()

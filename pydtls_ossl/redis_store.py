@@ -1,0 +1,70 @@
+"""A session store in Redis, shared by every process of a cluster (the ``redis`` extra).
+
+``RedisSessionStore("redis://host:6379/0")`` or ``RedisSessionStore(client)``
+with a ``redis.Redis`` you built. Keys are binary-safe: a prefix, then the
+raw session ID; values are ``SET ... PX`` with the session's time to live.
+A Redis that is down or slow costs full handshakes, never a failed or hung
+one: every call has a short socket timeout, and after a failure the store
+answers misses for ``retry_after`` seconds (one log line) before trying again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+__all__ = ["RedisSessionStore"]
+
+_log = logging.getLogger("pydtls_ossl")
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("RedisSessionStore needs redis-py: pip install 'pydtls_ossl[redis]'") from None
+    return redis
+
+
+class RedisSessionStore:
+    """``SessionStore`` over Redis; see the module docstring."""
+
+    def __init__(self, client: Any = "redis://127.0.0.1:6379/0", *,
+                 prefix: bytes = b"pydtls:session:", timeout: float = 0.25,
+                 retry_after: float = 1.0) -> None:
+        redis = _redis()
+        if isinstance(client, str):
+            client = redis.Redis.from_url(client, socket_timeout=timeout,
+                                          socket_connect_timeout=timeout)
+        self.client = client
+        self.prefix = bytes(prefix)
+        self.retry_after = retry_after
+        self._errors = (redis.RedisError, OSError)
+        self._down_until = 0.0
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            self._down_until = time.monotonic() + self.retry_after
+            _log.warning("pydtls_ossl: Redis session store %s failed (%s: %s); full handshakes "
+                         "for the next %.1f s", what, type(exc).__name__, exc, self.retry_after)
+            return None
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._call("get", self.client.get, self.prefix + key)
+        return None if value is None else bytes(value)
+
+    def put(self, key: bytes, value: bytes, ttl: float) -> None:
+        milliseconds = int(ttl * 1000)
+        if milliseconds > 0:
+            self._call("put", self.client.set, self.prefix + key, value, px=milliseconds)
+
+    def delete(self, key: bytes) -> None:
+        self._call("delete", self.client.delete, self.prefix + key)
+
+    def __repr__(self) -> str:
+        return f"<RedisSessionStore prefix={self.prefix!r}>"
