@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 import threading
@@ -160,6 +161,8 @@ def _context(args: argparse.Namespace, server: bool, out: TextIO) -> DtlsContext
             options["psk_keys"] = {identity: psk_key}
         else:
             options["psk"] = (identity, psk_key)
+    if server and args.ticket_secret:
+        options["ticket_secret"] = bytes.fromhex(args.ticket_secret)
     if not server:
         if args.cafile:
             options["cafile"] = args.cafile
@@ -168,8 +171,16 @@ def _context(args: argparse.Namespace, server: bool, out: TextIO) -> DtlsContext
     return DtlsContext(cert, key, **options)
 
 
+def _write_secret(path: str, data: bytes) -> None:
+    """Write a file only its owner can read (a session holds its master secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def _report(engine: Dtls, args: argparse.Namespace, out: TextIO, who: str) -> None:
     out.write(f"{who}: {engine.version()} {engine.cipher()}\n")
+    out.write(f"  session            {'resumed' if engine.session_reused() else 'new'}\n")
     out.write(f"  local fingerprint  {engine.get_fingerprint()}\n")
     out.write(f"  peer fingerprint   {engine.get_peer_fingerprint()}\n")
     if engine.psk_identity():
@@ -225,14 +236,27 @@ def run_client(args: argparse.Namespace, out: TextIO) -> int:
     with socket.socket(family, socket.SOCK_DGRAM) as raw:
         raw.connect((args.host, args.port))
         sock: Any = _TracingSocket(raw) if args.verbose else raw
+        saved = None
+        if args.sess_in:
+            try:
+                with open(args.sess_in, "rb") as f:
+                    saved = f.read()
+            except FileNotFoundError:
+                out.write(f"no session in {args.sess_in}; a full handshake\n")
         engine = Dtls(context=context, expected_peer_fingerprint=args.fingerprint,
-                      server_hostname=args.servername)
+                      server_hostname=args.servername, session=saved)
         out.write(f"connecting to udp://{args.host}:{args.port} ...\n")
         out.flush()
         started = time.perf_counter()
         handshake(engine, sock, args.timeout)
         out.write(f"handshake done in {(time.perf_counter() - started) * 1000:.1f} ms\n")
         _report(engine, args, out, "client")
+        if args.sess_out:
+            session = engine.session()
+            if session is None:
+                out.write("the server made this session unresumable; nothing saved\n")
+            else:
+                _write_secret(args.sess_out, session)
         # stdin lines keep their newline, as s_client sends them
         lines = [m.encode() for m in args.message] if args.message else iter(
             sys.stdin.buffer.readline, b"")
@@ -273,6 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=4433)
     server.add_argument("--echo", action="store_true", help="send every record back")
     server.add_argument("--count", type=int, help="exit after serving this many peers")
+    server.add_argument("--ticket-secret", help="fleet ticket secret (hex, >= 32 bytes): every "
+                        "server given it resumes the others' tickets")
     _add_common(server)
     client = commands.add_parser("client", help="connect, like openssl s_client -dtls1_2")
     client.add_argument("host")
@@ -283,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--insecure", action="store_true", help="accept any server (no verification)")
     client.add_argument("--message", action="append", help="send this and print the reply (repeatable);"
                         " without it, stdin lines are sent")
+    client.add_argument("--sess-out", help="save the session here after the handshake (like s_client)")
+    client.add_argument("--sess-in", help="resume the session saved in this file")
     client.add_argument("--wait-reply", action="store_true", help="with stdin: wait for a reply per line")
     _add_common(client)
     cert = commands.add_parser("certificate", help="write a self-signed certificate and key")

@@ -121,3 +121,24 @@ def test_keylog_lets_tshark_decrypt_a_capture(tmp_path: Path) -> None:
     assert decrypted.count(b"secret-message-42".hex()) == 2
     without = subprocess.run(fields, capture_output=True, text=True, timeout=30).stdout.split()
     assert b"secret-message-42".hex() not in without, "and not without it"
+
+
+def test_cli_resumes_with_sess_out_and_sess_in(tmp_path: Path) -> None:
+    port = free_udp_port()
+    saved = tmp_path / "session.bin"
+    server = PeerProcess([*CLI, "server", "--port", str(port), "--echo", "--count", "2",
+                          "--timeout", "10", "--ticket-secret", "ab" * 32])
+    with server:
+        server.wait_for("listening on udp://")
+        fingerprint = server.wait_for(r"sha-256 ([0-9A-F:]+)").group(1)
+        first = cli_client(port, "--fingerprint", fingerprint, "--message", "hi",
+                           "--sess-out", str(saved))
+        assert first.returncode == 0, first.stderr
+        assert "session            new" in first.stdout
+        assert saved.stat().st_mode & 0o777 == 0o600 and saved.stat().st_size > 100
+        server.wait_for("peer gone")
+        second = cli_client(port, "--fingerprint", fingerprint, "--message", "again",
+                            "--sess-in", str(saved))
+        assert second.returncode == 0, second.stderr
+        assert "session            resumed" in second.stdout
+        server.wait_for("session            resumed")

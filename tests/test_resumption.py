@@ -525,3 +525,33 @@ def test_client_resends_its_finished_when_the_server_retransmits(certs: Any) -> 
         for datagram in resent:
             server.feed(datagram)
         assert server.is_handshake_finished() and server.session_reused()
+
+
+def test_asyncio_and_blocking_clients_resume(certs: Any) -> None:
+    import asyncio
+
+    from pydtls_ossl import aio
+
+    ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem)
+
+    async def echo(conn: Any) -> None:
+        async for message in conn:
+            conn.send(message)
+
+    async def main() -> None:
+        async with await aio.serve(echo, "127.0.0.1", 0, context=ctx) as server:
+            port = server.address[1]
+            session = None
+            for attempt in range(2):
+                conn = await aio.connect("127.0.0.1", port, context=DtlsContext(verify="none"),
+                                         session=session)
+                assert conn.session_reused() is (attempt == 1)
+                conn.send(b"x")
+                assert await asyncio.wait_for(conn.recv(), 10) == b"x"
+                session = conn.session()
+                await conn.close()
+            # and a blocking client, with the asyncio client's session
+            _, reused = await asyncio.to_thread(connect_once, port, session)
+            assert reused
+
+    asyncio.run(main())
