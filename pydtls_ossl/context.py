@@ -177,6 +177,17 @@ class DtlsContext:
     black hole) ends in ``HandshakeError``; ``DtlsServer`` and the surfaces
     use the same value.
 
+    Resumption (README "Session resumption"): ``session=`` is what a client
+    of this context offers; ``on_new_session(id, session)`` is told of every
+    new session. Servers keep an internal cache (``session_cache``,
+    ``session_cache_size``, ``session_timeout`` seconds) and issue tickets
+    (``session_tickets``); ``session_get``/``session_new``/``session_remove``
+    or ``session_store=`` replace the internal cache by an external one;
+    ``ticket_secret`` (32+ bytes) derives the ticket keys from one secret and
+    the clock's ``ticket_period``, so that every server holding it resumes
+    the others' tickets. ``session_context_id`` names the service; it is
+    required when clients are verified and sessions leave the context.
+
     ``record_layer="engine"`` (the default): once a handshake with an AEAD
     suite (AES-GCM, ChaCha20-Poly1305) finishes, the engine protects records
     itself with OpenSSL's AEAD and frees the SSL object, as kernel TLS does:

@@ -87,3 +87,25 @@ def test_readme_per_peer_pin_snippet_runs(certs: object) -> None:
     outcomes = {e.address[1]: type(e).__name__ for e in net.events
                 if isinstance(e, (ConnectionEstablished, ConnectionTerminated))}
     assert outcomes == {5004: "ConnectionEstablished", 5005: "ConnectionTerminated"}
+
+
+def test_readme_resumption_snippets_run() -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(block_with("session_reused()"), "README.md", "exec"), namespace)
+    fleet = block_with("FLEET_SECRET")
+    namespace = {}
+    exec(compile(fleet, "README.md", "exec"), namespace)
+    from pydtls_ossl import Dtls, DtlsContext
+
+    from .test_server import Net
+    cert = namespace["cert"]
+    client_ctx = DtlsContext(initial_rto=0.05)
+    pin = cert.fingerprint()  # type: ignore[attr-defined]
+    net_a = Net(namespace["node_a"])  # type: ignore[arg-type]
+    first = net_a.add(("127.0.0.1", 1), Dtls(context=client_ctx, expected_peer_fingerprint=pin))
+    net_a.run(lambda: first.is_handshake_finished() and namespace["node_a"].handshaking == 0)  # type: ignore[attr-defined]
+    net_b = Net(namespace["node_b"])  # type: ignore[arg-type]
+    again = net_b.add(("127.0.0.1", 2), Dtls(context=client_ctx, expected_peer_fingerprint=pin,
+                                            session=first.session()))
+    net_b.run(lambda: again.is_handshake_finished() and namespace["node_b"].handshaking == 0)  # type: ignore[attr-defined]
+    assert again.session_reused()
