@@ -118,6 +118,7 @@ static long pd_session_der(SSL_SESSION *session, unsigned char **out);
 static void pd_rl_free(struct pd_rl *rl);
 static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *sink);
 static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len);
+static void pd_rl_idle(struct pd_rl *rl);
 static void pd_rl_alert(pd_conn *c, int level, int description);
 static void pd_note_sent(pd_conn *c, const unsigned char *r);
 static void pd_retain_early(pd_conn *c, const unsigned char *d, size_t n);
@@ -1165,7 +1166,8 @@ void pd_shutdown(pd_conn *c)
 
 /* Free the buffers an idle association does not need: OpenSSL's ~33 KB of
  * record buffers (pd_write restores them: OpenSSL 3.0 crashes writing
- * without them), and the output run when it is empty. */
+ * without them), or the engine record layer's two cipher contexts (the next
+ * record rebuilds them from the kept keys), and the output run when empty. */
 int pd_release_buffers(pd_conn *c)
 {
     if (c->state != PD_STATE_ESTABLISHED || (c->ssl == NULL && c->rl == NULL))
@@ -1175,6 +1177,8 @@ int pd_release_buffers(pd_conn *c)
         return 0;
     }
     c->buffers_released = 1;
+    if (c->rl != NULL)
+        pd_rl_idle(c->rl);
     if (c->out_len == 0) {
         free(c->out);
         c->out = NULL;

@@ -17,21 +17,34 @@
  *   peer retransmits its Finished, until the peer shows it is done (§4.2.4);
  * - renegotiation is refused with a no_renegotiation warning;
  * - RFC 5705 exporters, from the kept master secret.
- * Anything else (CBC or CCM suites, a crowded handshake) keeps OpenSSL's
- * record layer; see pd_handover.
+ * AEAD suites only: AES-GCM, ChaCha20-Poly1305, AES-CCM and AES-CCM_8. Anything
+ * else (CBC suites, a crowded handshake) keeps OpenSSL's record layer; see
+ * pd_handover. An idle association may free its two cipher contexts and keep
+ * only the raw keys and IVs (pd_rl_idle); the next record rebuilds them.
+ * Nonces never depend on a context's state: GCM's explicit nonce is the
+ * record's epoch and sequence number (RFC 5288 §3), CCM's is too (OpenSSL's
+ * TLS mode takes it from the AAD), and ChaCha20's is the IV XOR the sequence
+ * number (RFC 7905).
  */
 #include <openssl/objects.h>
 #include <openssl/sha.h>
 
 #define PD_MAX_RESENDS 12
 #define PD_SEQ_MAX ((1ULL << 48) - 1)
-#define PD_TAG 16
+#define PD_KIND_GCM 1
+#define PD_KIND_CHACHA 2
+#define PD_KIND_CCM 3
 #define PD_MASTER 48
 #define PD_RANDOM 32
 
 struct pd_rl {
-    EVP_CIPHER_CTX *enc, *dec;
-    unsigned int explicit_iv;       /* 8 for AES-GCM, 0 for ChaCha20-Poly1305 */
+    EVP_CIPHER_CTX *enc, *dec;      /* NULL while idle: rebuilt from the keys below */
+    const EVP_CIPHER *aead;
+    int kind;                       /* PD_KIND_* */
+    unsigned int explicit_iv;       /* 8 for AES-GCM and AES-CCM, 0 for ChaCha20-Poly1305 */
+    unsigned int tag;               /* 16, or 8 for CCM_8 */
+    unsigned int key_len, iv_len;   /* iv_len: the fixed (implicit) part */
+    unsigned char wkey[32], wiv[12], rkey[32], riv[12];
     unsigned int epoch;
     unsigned long long wseq, wseq0; /* next sequence numbers: epoch, and 0 for resends */
     unsigned long long rtop;        /* highest authenticated sequence number + 1 */
@@ -59,12 +72,15 @@ struct pd_rl {
 };
 
 static EVP_CIPHER *pd_aes128gcm = NULL, *pd_aes256gcm = NULL, *pd_chacha = NULL;
+static EVP_CIPHER *pd_aes128ccm = NULL, *pd_aes256ccm = NULL;
 
 static int pd_records_init(void)
 {
     pd_aes128gcm = EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL);
     pd_aes256gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
     pd_chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+    pd_aes128ccm = EVP_CIPHER_fetch(NULL, "AES-128-CCM", NULL);
+    pd_aes256ccm = EVP_CIPHER_fetch(NULL, "AES-256-CCM", NULL);
     ERR_clear_error(); /* a provider without one of them only loses the fast path */
     return 1;
 }
@@ -171,31 +187,76 @@ static void pd_prf(int sha384, const unsigned char *secret, size_t secret_len,
     OPENSSL_cleanse(&outer, sizeof(outer));
 }
 
-/* An AEAD context in TLS mode: the fixed IV part is set once, each record
- * then gives the sequence number (and, for GCM, the explicit nonce). */
-static EVP_CIPHER_CTX *pd_aead_new(const EVP_CIPHER *cipher, unsigned int explicit_iv,
-                                   const unsigned char *key, const unsigned char *iv, int enc)
+/* An AEAD context in TLS mode for one direction: the fixed IV part is set
+ * once, each record then gives the sequence number through the AAD. A GCM
+ * write context starts its explicit-nonce counter at the epoch and sequence
+ * number of the next record, so that the two advance together. */
+static EVP_CIPHER_CTX *pd_aead_new(const struct pd_rl *rl, const unsigned char *key,
+                                   const unsigned char *iv, int enc)
 {
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    unsigned char full[12];
+    unsigned long long next = ((unsigned long long)rl->epoch << 48) | rl->wseq;
+    int i, ok = 0;
     if (ctx == NULL)
         return NULL;
-    if (explicit_iv) {
-        if (EVP_CipherInit_ex(ctx, cipher, NULL, key, NULL, enc) == 1
-                && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IV_FIXED, 4, (void *)iv) > 0)
-            return ctx;
-    } else if (EVP_CipherInit_ex(ctx, cipher, NULL, key, iv, enc) == 1) {
-        return ctx;
+    switch (rl->kind) {
+    case PD_KIND_GCM:
+        if (EVP_CipherInit_ex(ctx, rl->aead, NULL, key, NULL, enc) != 1)
+            break;
+        if (!enc) {
+            ok = EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IV_FIXED, 4, (void *)iv) > 0;
+            break;
+        }
+        memcpy(full, iv, 4);
+        for (i = 0; i < 8; i++)
+            full[4 + i] = (unsigned char)(next >> (56 - 8 * i));
+        ok = EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IV_FIXED, -1, full) > 0;
+        OPENSSL_cleanse(full, sizeof(full));
+        break;
+    case PD_KIND_CCM:
+        ok = EVP_CipherInit_ex(ctx, rl->aead, NULL, NULL, NULL, enc) == 1
+            && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) > 0
+            && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, (int)rl->tag, NULL) > 0
+            && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_CCM_SET_IV_FIXED, 4, (void *)iv) > 0
+            && EVP_CipherInit_ex(ctx, NULL, NULL, key, NULL, enc) == 1;
+        break;
+    case PD_KIND_CHACHA:
+        ok = EVP_CipherInit_ex(ctx, rl->aead, NULL, key, iv, enc) == 1;
+        break;
     }
+    if (ok)
+        return ctx;
     EVP_CIPHER_CTX_free(ctx);
     return NULL;
+}
+
+/* Both cipher contexts, rebuilt from the kept keys after an idle spell. */
+static int pd_rl_ready(struct pd_rl *rl)
+{
+    if (rl->enc == NULL)
+        rl->enc = pd_aead_new(rl, rl->wkey, rl->wiv, 1);
+    if (rl->dec == NULL)
+        rl->dec = pd_aead_new(rl, rl->rkey, rl->riv, 0);
+    if (rl->enc != NULL && rl->dec != NULL)
+        return 1;
+    pd_clear_errors();
+    return 0;
+}
+
+/* Idle: free both cipher contexts (~1 KB each with AES), keep the keys. */
+static void pd_rl_idle(struct pd_rl *rl)
+{
+    EVP_CIPHER_CTX_free(rl->enc);
+    EVP_CIPHER_CTX_free(rl->dec);
+    rl->enc = rl->dec = NULL;
 }
 
 static void pd_rl_free(struct pd_rl *rl)
 {
     if (rl == NULL)
         return;
-    EVP_CIPHER_CTX_free(rl->enc);
-    EVP_CIPHER_CTX_free(rl->dec);
+    pd_rl_idle(rl);
     pd_nodes_free(rl->flight);
     free(rl->peer_der);
     free(rl->psk_identity);
@@ -205,6 +266,7 @@ static void pd_rl_free(struct pd_rl *rl)
         OPENSSL_free(rl->session_der);
     }
     OPENSSL_cleanse(rl->secret, sizeof(rl->secret));
+    OPENSSL_cleanse(rl->wkey, sizeof(rl->wkey) + sizeof(rl->wiv) + sizeof(rl->rkey) + sizeof(rl->riv));
     free(rl);
 }
 
@@ -216,9 +278,9 @@ static long pd_rl_open(const struct pd_rl *rl, EVP_CIPHER_CTX *ctx, const unsign
     unsigned char aad[PD_RECORD_HEADER];
     size_t plain;
     int outl = 0;
-    if (blen < rl->explicit_iv + PD_TAG)
+    if (blen < rl->explicit_iv + rl->tag)
         return -1;
-    plain = blen - rl->explicit_iv - PD_TAG;
+    plain = blen - rl->explicit_iv - rl->tag;
     if (plain > PD_MAX_PLAINTEXT)
         return -1;
     memcpy(aad, r + 3, 8); /* epoch and sequence number */
@@ -239,7 +301,7 @@ static long pd_rl_open(const struct pd_rl *rl, EVP_CIPHER_CTX *ctx, const unsign
 static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len)
 {
     struct pd_rl *rl = c->rl;
-    size_t body = rl->explicit_iv + len + PD_TAG;
+    size_t body = rl->explicit_iv + len + rl->tag;
     unsigned char aad[PD_RECORD_HEADER], *r;
     int outl = 0;
     if (rl->wseq > PD_SEQ_MAX) { /* RFC 6347 §4.1: never wrap; the association ends */
@@ -247,6 +309,8 @@ static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len)
         c->state = PD_STATE_FAILED;
         return PD_ERR_SSL;
     }
+    if (rl->enc == NULL && !pd_rl_ready(rl))
+        return PD_ERR_NOMEM;
     if (!pd_out_reserve(c, PD_RECORD_HEADER + body))
         return PD_ERR_NOMEM;
     c->buffers_released = 0;
@@ -391,8 +455,10 @@ static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *si
         off += PD_RECORD_HEADER + blen;
         if (r[1] != 0xFE || r[2] != 0xFD || (((unsigned int)r[3] << 8) | r[4]) != rl->epoch
                 || r[0] < SSL3_RT_ALERT || r[0] > SSL3_RT_APPLICATION_DATA
-                || blen > PD_MAX_PLAINTEXT + rl->explicit_iv + PD_TAG)
+                || blen > PD_MAX_PLAINTEXT + rl->explicit_iv + rl->tag)
             continue;
+        if (rl->dec == NULL && !pd_rl_ready(rl))
+            break; /* out of memory: the datagram is dropped, the association lives */
         seq = pd_seq48(r + 5);
         if (!pd_rl_fresh(rl, seq))
             continue;
@@ -476,22 +542,33 @@ static void pd_retain_early(pd_conn *c, const unsigned char *d, size_t n)
     }
 }
 
-static const EVP_CIPHER *pd_aead_for(const SSL_CIPHER *cipher, unsigned int *explicit_iv,
-                                     size_t *iv_len)
+/* The engine's AEAD for a suite, with its framing; NULL for suites it leaves to libssl. */
+static int pd_aead_for(const SSL_CIPHER *cipher, struct pd_rl *rl)
 {
+    const char *name = SSL_CIPHER_standard_name(cipher);
+    rl->explicit_iv = 8, rl->iv_len = 4, rl->tag = 16;
     switch (SSL_CIPHER_get_cipher_nid(cipher)) {
     case NID_aes_128_gcm:
-        *explicit_iv = 8, *iv_len = 4;
-        return pd_aes128gcm;
+        rl->aead = pd_aes128gcm, rl->kind = PD_KIND_GCM;
+        break;
     case NID_aes_256_gcm:
-        *explicit_iv = 8, *iv_len = 4;
-        return pd_aes256gcm;
+        rl->aead = pd_aes256gcm, rl->kind = PD_KIND_GCM;
+        break;
     case NID_chacha20_poly1305:
-        *explicit_iv = 0, *iv_len = 12;
-        return pd_chacha;
+        rl->aead = pd_chacha, rl->kind = PD_KIND_CHACHA;
+        rl->explicit_iv = 0, rl->iv_len = 12;
+        break;
+    case NID_aes_128_ccm:
+    case NID_aes_256_ccm:
+        rl->aead = SSL_CIPHER_get_cipher_nid(cipher) == NID_aes_128_ccm ? pd_aes128ccm : pd_aes256ccm;
+        rl->kind = PD_KIND_CCM;
+        if (name != NULL && strstr(name, "CCM_8") != NULL)
+            rl->tag = 8;
+        break;
     default:
-        return NULL;
+        return 0;
     }
+    return rl->aead != NULL;
 }
 
 /* Our last flight, from the records the finishing handshake step wrote
@@ -580,24 +657,22 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     SSL *s = c->ssl;
     const SSL_CIPHER *cipher = SSL_get_current_cipher(s);
     SSL_SESSION *session = SSL_get_session(s);
-    const EVP_CIPHER *aead;
     const EVP_MD *prf;
     struct pd_rl *rl = NULL;
     EVP_CIPHER_CTX *check = NULL;
     unsigned char block[2 * 32 + 2 * 12], seed[13 + 2 * PD_RANDOM];
     const unsigned char *ckey, *skey, *civ, *siv;
-    unsigned int explicit_iv;
     size_t key_len, iv_len, off;
     const unsigned char *run;
     pd_node *e;
 
     if (cipher == NULL || session == NULL || SSL_version(s) != DTLS1_2_VERSION
-            || (aead = pd_aead_for(cipher, &explicit_iv, &iv_len)) == NULL
-            || c->max_plaintext + PD_RECORD_HEADER + explicit_iv + PD_TAG > c->mtu
-            || (rl = calloc(1, sizeof(*rl))) == NULL)
+            || (rl = calloc(1, sizeof(*rl))) == NULL || !pd_aead_for(cipher, rl)
+            || c->max_plaintext + PD_RECORD_HEADER + rl->explicit_iv + rl->tag > c->mtu)
         goto keep;
-    key_len = (size_t)EVP_CIPHER_get_key_length(aead);
-    rl->explicit_iv = explicit_iv;
+    key_len = (size_t)EVP_CIPHER_get_key_length(rl->aead);
+    iv_len = rl->iv_len;
+    rl->key_len = (unsigned int)key_len;
     rl->epoch = 1;
     prf = SSL_CIPHER_get_handshake_digest(cipher);
     rl->prf_sha384 = prf != NULL && EVP_MD_get_type(prf) == NID_sha384;
@@ -614,13 +689,11 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
            2 * key_len + 2 * iv_len);
     ckey = block, skey = block + key_len;
     civ = block + 2 * key_len, siv = civ + iv_len;
-    rl->enc = pd_aead_new(aead, explicit_iv, c->is_server ? skey : ckey, c->is_server ? siv : civ, 1);
-    rl->dec = pd_aead_new(aead, explicit_iv, c->is_server ? ckey : skey, c->is_server ? civ : siv, 0);
-    check = pd_aead_new(aead, explicit_iv, c->is_server ? skey : ckey, c->is_server ? siv : civ, 0);
+    memcpy(rl->wkey, c->is_server ? skey : ckey, key_len);
+    memcpy(rl->rkey, c->is_server ? ckey : skey, key_len);
+    memcpy(rl->wiv, c->is_server ? siv : civ, iv_len);
+    memcpy(rl->riv, c->is_server ? civ : siv, iv_len);
     OPENSSL_cleanse(block, sizeof(block));
-    if (rl->enc == NULL || rl->dec == NULL || check == NULL
-            || (flight_len && !pd_take_flight(c, rl, check, flight_start, flight_len)) || !pd_snapshot(c, rl))
-        goto keep;
     /* sequence numbers: after every record OpenSSL sent, pulled or not */
     run = c->out + c->out_off;
     for (off = 0; c->out_len - off >= PD_RECORD_HEADER; ) {
@@ -632,9 +705,13 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     }
     rl->wseq = c->sent_next[1];
     rl->wseq0 = c->sent_next[0];
+    check = pd_aead_new(rl, rl->wkey, rl->wiv, 0);
+    if (!pd_rl_ready(rl) || check == NULL
+            || (flight_len && !pd_take_flight(c, rl, check, flight_start, flight_len)) || !pd_snapshot(c, rl))
+        goto keep;
     for (e = c->early; e != NULL; e = e->next) {
         size_t blen = e->len - PD_RECORD_HEADER;
-        if (((e->data[3] << 8) | e->data[4]) == 1 && blen <= PD_MAX_PLAINTEXT + 24
+        if (((e->data[3] << 8) | e->data[4]) == 1 && blen <= PD_MAX_PLAINTEXT + rl->explicit_iv + rl->tag
                 && pd_rl_open(rl, rl->dec, e->data, blen, pd_scratch) >= 0)
             pd_rl_mark(rl, pd_seq48(e->data + 5));
     }
