@@ -172,7 +172,11 @@ class DtlsListener:
 
     ``accept()`` returns each peer once its handshake is done. Blocking calls
     on the listener or on any of its connections take turns driving the
-    socket, so there is no background thread to manage.
+    socket, so there is no background thread to manage: one caller at a time
+    waits for the socket (without holding the listener's lock, so ``send()``
+    from other threads goes straight out), processes what arrived, and wakes
+    the callers whose data or peer it brought. Nothing polls: a datagram is
+    answered as soon as it arrives.
     """
 
     def __init__(self, context: DtlsContext, address: Address, **limits: Any) -> None:
@@ -185,12 +189,14 @@ class DtlsListener:
             raise
         self._sock.setblocking(False)
         self.core = DtlsServer(context, **limits)
+        self._lock = threading.RLock()
+        self._turn = threading.Condition(self._lock)
+        self._pumping = False
         # send_threadsafe() from any thread interrupts the wait through this pair
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.core.wakeup = self._wake
-        self._lock = threading.RLock()
         self._accepted: deque[DtlsConnection] = deque()
         self._connections: dict[Address, DtlsConnection] = {}
         self._closed = False
@@ -205,46 +211,67 @@ class DtlsListener:
     def accept(self, timeout: float | None = None) -> DtlsConnection:
         """The next peer whose handshake completed; ``TimeoutError`` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
+        with self._lock:
+            while True:
                 if self._accepted:
                     return self._accepted.popleft()
                 if self._closed:
                     raise ConnectionClosed("the listener is closed")
-                self._pump(deadline)
+                self._take_turn(deadline)
 
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # a wake-up is already pending, or the listener is closed
 
-    def _pump(self, deadline: float | None) -> None:
-        """One turn: wait for a datagram or a timer, process, send what is due."""
-        timer = self.core.get_timeout()
-        waits = [w for w in (timer, None if deadline is None else deadline - time.monotonic(),
-                             0.05) if w is not None]
-        wait = max(0.0, min(waits))
-        if deadline is not None and wait <= 0 and time.monotonic() >= deadline:
+    def _take_turn(self, deadline: float | None) -> None:
+        """With the lock held: drive the socket once, or wait while another caller does.
+
+        Returns after something may have changed for the caller; raises
+        ``TimeoutError`` once ``deadline`` passes.
+        """
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
             raise TimeoutError("timed out")
-        readable, _, _ = select.select([self._sock, self._wake_r], [], [], wait)
-        if self._wake_r in readable:
+        if self._pumping:
+            self._turn.wait(left)  # the driving caller notifies after each round
+            return
+        self._pumping = True
+        try:
+            timer = self.core.get_timeout()
+            waits = [w for w in (timer, left) if w is not None]
+            self._lock.release()
             try:
-                self._wake_r.recv(4096)
-            except BlockingIOError:
-                pass
-        if self._sock in readable:
-            for _ in range(64):  # a burst, but others get their turn
+                readable, _, _ = select.select([self._sock, self._wake_r], [], [],
+                                               max(0.0, min(waits)) if waits else None)
+            finally:
+                self._lock.acquire()
+            if self._closed:
+                return
+            if self._wake_r in readable:
                 try:
-                    datagram, address = self._sock.recvfrom(_MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    continue  # ICMP errors surface here on some platforms
-                self.core.feed(datagram, address)
-        self.core.handle_timeout()
-        self._route_events()
-        self._send_due()
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            if self._sock in readable:
+                self._receive()
+            self.core.handle_timeout()
+            self._route_events()
+            self._send_due()
+        finally:
+            self._pumping = False
+            self._turn.notify_all()
+
+    def _receive(self) -> None:
+        for _ in range(64):  # a burst, but timers and senders get their turn
+            try:
+                datagram, address = self._sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # ICMP errors surface here on some platforms
+            self.core.feed(datagram, address)
 
     def _route_events(self) -> None:
         for event in self.core.events():
@@ -269,6 +296,8 @@ class DtlsListener:
                 self._sock.sendto(datagram, address)
             except (BlockingIOError, InterruptedError):
                 _log.debug("send buffer full: dropped a datagram to %s", address)
+            except OSError as exc:
+                _log.debug("cannot send to %s: %s", address, exc)
 
     def close(self) -> None:
         """Close every association (close_notify) and the socket."""
@@ -279,6 +308,10 @@ class DtlsListener:
             self.core.close_all()
             self._route_events()
             self._send_due()
+            self._wake()  # a caller waiting in select() notices
+            self._turn.notify_all()
+            while self._pumping:
+                self._turn.wait(1.0)
             self._sock.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -323,8 +356,8 @@ class DtlsConnection(Introspection):
     def recv(self, bufsize: int = _MAX_DATAGRAM) -> bytes:
         """The next record from this peer; ``ConnectionClosed`` once it is gone."""
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        while True:
-            with self._listener._lock:
+        with self._listener._lock:
+            while True:
                 if self._received:
                     if len(self._received[0]) > bufsize:
                         raise ValueError(f"the next record has {len(self._received[0])} bytes, "
@@ -335,7 +368,7 @@ class DtlsConnection(Introspection):
                     raise ConnectionClosed(f"association ended: {self._terminated.reason}") from error
                 if self._listener._closed:
                     raise ConnectionClosed("the listener is closed")
-                self._listener._pump(deadline)
+                self._listener._take_turn(deadline)
 
     def close(self) -> None:
         with self._listener._lock:

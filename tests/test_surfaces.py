@@ -188,3 +188,24 @@ def test_psk_over_asyncio() -> None:
             assert connection.psk_identity() == "dev"
             await connection.close()
     asyncio.run(main())
+
+
+def test_listener_waits_for_the_socket_without_holding_its_lock(certs: Any) -> None:
+    """The listener's lock is free while a caller waits for datagrams, so another
+    thread's send() or recv() never queues behind that wait (it once did: a
+    100 ms round trip per echo with accept() in one thread and recv() in another)."""
+    import threading as _threading
+
+    ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem)
+    with ctx.listen(("127.0.0.1", 0)) as listener:
+        waiter = _threading.Thread(target=lambda: pytest.raises(TimeoutError, listener.accept,
+                                                                timeout=1.0))
+        waiter.start()
+        free = 0
+        for _ in range(200):
+            if listener._lock.acquire(blocking=False):
+                free += 1
+                listener._lock.release()
+            _threading.Event().wait(0.002)
+        waiter.join()
+    assert free >= 180, f"the lock was free only {free} times out of 200"
