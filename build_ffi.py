@@ -239,6 +239,7 @@ typedef struct pd_conn {
     int deadline_passed;
     unsigned int protected_seen;
     int keep_session;
+    int keep_peer_cert;
     ...;
 } pd_conn;
 typedef struct { ...; } pd_cookie_keys;
@@ -278,6 +279,7 @@ int pd_session_reused(pd_conn *);
 const char *pd_psk_identity(pd_conn *);
 unsigned int pd_alpn(pd_conn *, const unsigned char **);
 int pd_peer_der(pd_conn *, const unsigned char **);
+const unsigned char *pd_peer_sha256(pd_conn *);
 int pd_compact(pd_conn *);
 pd_conn *pd_conn_of(const SSL *);
 void pd_expire(pd_conn *);

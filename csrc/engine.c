@@ -82,7 +82,7 @@ typedef struct pd_conn {
     pd_pin *pins;
     /* single-engine cookie exchange: borrowed keys and the peer's address */
     const pd_cookie_keys *cookies;
-    unsigned char peer[64];
+    unsigned char *peer;             /* malloc'd, only in cookie mode */
     size_t peer_len;
     unsigned int peer_port;
     /* the engine's own record layer (records.c), once the handshake is done */
@@ -101,6 +101,7 @@ typedef struct pd_conn {
     int deadline_passed;
     unsigned int protected_seen;     /* peer records at epoch >= 1 before the handshake ended */
     int keep_session;                /* a client keeps its session's bytes past the handover */
+    int keep_peer_cert;              /* an idle association keeps the peer's DER, not only its digest */
 } pd_conn;
 
 /* Where pd_rl_feed puts application data: the plaintext queue (no sink),
@@ -119,6 +120,7 @@ static void pd_rl_free(struct pd_rl *rl);
 static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *sink);
 static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len);
 static void pd_rl_idle(struct pd_rl *rl);
+static void pd_rl_drop_peer_der(struct pd_rl *rl);
 static void pd_rl_alert(pd_conn *c, int level, int description);
 static void pd_note_sent(pd_conn *c, const unsigned char *r);
 static void pd_retain_early(pd_conn *c, const unsigned char *d, size_t n);
@@ -517,6 +519,7 @@ void pd_conn_free(pd_conn *c)
     free(c->taken);
     free(c->out);
     free(c->pins);
+    free(c->peer);
     free(c);
 }
 
@@ -712,6 +715,13 @@ static int pd_handshake_step(pd_conn *c)
             return PD_ERR_SSL;
         }
         c->state = PD_STATE_ESTABLISHED;
+        free(c->pins); /* the handshake verified the peer; renegotiation is refused */
+        c->pins = NULL;
+        c->npins = 0;
+        free(c->peer);
+        c->peer = NULL;
+        c->peer_len = 0;
+        c->cookies = NULL;
         c->max_plaintext = DTLS_get_data_mtu(c->ssl);
         if (c->max_plaintext > PD_MAX_PLAINTEXT)
             c->max_plaintext = PD_MAX_PLAINTEXT;
@@ -829,10 +839,15 @@ int pd_accept_hello(pd_conn *c, const unsigned char *data, size_t len)
 void pd_set_cookie_peer(pd_conn *c, const pd_cookie_keys *keys, const unsigned char *addr,
                         size_t len, unsigned int port)
 {
+    unsigned char *copy = malloc(len ? len : 1);
+    if (copy == NULL)
+        return; /* no cookie mode: the handshake goes on without one */
+    memcpy(copy, addr, len);
+    free(c->peer);
+    c->peer = copy;
     c->cookies = keys;
     c->peer_port = port;
-    c->peer_len = len < sizeof(c->peer) ? len : sizeof(c->peer);
-    memcpy(c->peer, addr, c->peer_len);
+    c->peer_len = len;
 }
 
 /* Cookie mode before the handshake: answer a cookieless ClientHello with a
@@ -1177,8 +1192,11 @@ int pd_release_buffers(pd_conn *c)
         return 0;
     }
     c->buffers_released = 1;
-    if (c->rl != NULL)
+    if (c->rl != NULL) {
         pd_rl_idle(c->rl);
+        if (!c->keep_peer_cert)
+            pd_rl_drop_peer_der(c->rl);
+    }
     if (c->out_len == 0) {
         free(c->out);
         c->out = NULL;

@@ -58,8 +58,9 @@ struct pd_rl {
     const SSL_CIPHER *cipher;
     const SRTP_PROTECTION_PROFILE *srtp;
     int session_reused;
-    unsigned char *peer_der;
+    unsigned char *peer_der;        /* NULL once dropped by an idle spell (-1 length) */
     int peer_der_len;
+    unsigned char peer_sha256[32];  /* its fingerprint, kept for good */
     char *psk_identity;
     unsigned char *alpn;
     unsigned int alpn_len;
@@ -258,8 +259,8 @@ static void pd_rl_free(struct pd_rl *rl)
         return;
     pd_rl_idle(rl);
     pd_nodes_free(rl->flight);
-    free(rl->peer_der);
-    free(rl->psk_identity);
+    OPENSSL_free(rl->peer_der);
+    OPENSSL_free(rl->psk_identity);
     free(rl->alpn);
     if (rl->session_der != NULL) {
         OPENSSL_cleanse(rl->session_der, (size_t)rl->session_der_len); /* holds the master secret */
@@ -626,7 +627,7 @@ static int pd_snapshot(pd_conn *c, struct pd_rl *rl)
     X509 *peer = SSL_get0_peer_certificate(s);
     const char *identity = SSL_get_psk_identity(s);
     const unsigned char *alpn = NULL;
-    unsigned int alpn_len = 0;
+    unsigned int alpn_len = 0, digest_len = 0;
     rl->version = SSL_get_version(s);
     rl->cipher = SSL_get_current_cipher(s);
     rl->srtp = SSL_get_selected_srtp_profile(s);
@@ -635,7 +636,8 @@ static int pd_snapshot(pd_conn *c, struct pd_rl *rl)
     if (c->keep_session && !c->is_server
             && (rl->session_der_len = pd_session_der(SSL_get_session(s), &rl->session_der)) < 0)
         return 0;
-    if (peer != NULL && (rl->peer_der_len = i2d_X509(peer, &rl->peer_der)) <= 0)
+    if (peer != NULL && ((rl->peer_der_len = i2d_X509(peer, &rl->peer_der)) <= 0
+            || X509_digest(peer, EVP_sha256(), rl->peer_sha256, &digest_len) != 1))
         return 0;
     if (identity != NULL && (rl->psk_identity = OPENSSL_strdup(identity)) == NULL)
         return 0;
@@ -818,11 +820,27 @@ unsigned int pd_alpn(pd_conn *c, const unsigned char **data)
     return len;
 }
 
-/* The peer's certificate (DER) once the records were handed over; else 0. */
+/* The peer's certificate (DER) once the records were handed over; 0 without
+ * one, -1 when an idle spell dropped it (its sha-256 digest is kept). */
 int pd_peer_der(pd_conn *c, const unsigned char **der)
 {
     *der = c->rl ? c->rl->peer_der : NULL;
     return c->rl ? c->rl->peer_der_len : 0;
+}
+
+/* The peer certificate's sha-256 digest (32 bytes) after the handover, or NULL. */
+const unsigned char *pd_peer_sha256(pd_conn *c)
+{
+    return c->rl != NULL && c->rl->peer_der_len != 0 ? c->rl->peer_sha256 : NULL;
+}
+
+static void pd_rl_drop_peer_der(struct pd_rl *rl)
+{
+    if (rl->peer_der != NULL) {
+        OPENSSL_free(rl->peer_der);
+        rl->peer_der = NULL;
+        rl->peer_der_len = -1;
+    }
 }
 
 /* Whether the engine's own record layer carries this association's records. */

@@ -188,6 +188,10 @@ class DtlsContext:
     the others' tickets. ``session_context_id`` names the service; it is
     required when clients are verified and sessions leave the context.
 
+    An idle association (``release_buffers()``, which ``DtlsServer`` calls
+    for quiet peers) keeps only its peer certificate's sha-256 fingerprint,
+    not the certificate, unless ``keep_peer_certificate=True``.
+
     ``record_layer="engine"`` (the default): once a handshake with an AEAD
     suite (AES-GCM, ChaCha20-Poly1305) finishes, the engine protects records
     itself with OpenSSL's AEAD and frees the SSL object, as kernel TLS does:
@@ -234,12 +238,14 @@ class DtlsContext:
         ticket_secret: bytes | None = None,
         ticket_period: float = 3600.0,
         session_store: SessionStore | None = None,
+        keep_peer_certificate: bool = False,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
         if record_layer not in ("engine", "openssl"):
             raise ValueError(f"record_layer must be 'engine' or 'openssl', got {record_layer!r}")
         self.record_layer = record_layer
+        self.keep_peer_certificate = bool(keep_peer_certificate)
         if handshake_timeout is not None and not 0 < handshake_timeout <= 86400:
             raise ValueError(f"handshake_timeout must be None or 0 to 86400 seconds, "
                              f"got {handshake_timeout}")

@@ -19,8 +19,8 @@ from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from ._callbacks import take_callback_error
 from ._resumption import frame_session, offer_session
-from .certs import (CertificateSource, certificate_fingerprint, digest_for, parse_fingerprint,
-                    x509_to_der)
+from .certs import (CertificateSource, certificate_fingerprint, digest_for, format_fingerprint,
+                    parse_fingerprint, x509_to_der)
 from .context import DtlsContext, Verify, _seconds_to_us, address_parts, check_mtu
 from .srtp import SRTP_EXPORTER_LABEL, SrtpKeys, SrtpProfile, split_srtp_keying_material
 
@@ -162,6 +162,7 @@ class Dtls:
         self._conn = ffi.gc(check_ptr(conn, ConfigurationError, "cannot create the association"),
                             lib.pd_conn_free)
         conn.require_srtp = int(context.srtp_required)
+        conn.keep_peer_cert = int(context.keep_peer_certificate)
         conn.compact = int(context.record_layer == "engine")
         timeout = context.handshake_timeout if isinstance(handshake_timeout, _Unset) else handshake_timeout
         if timeout is not None:
@@ -556,15 +557,28 @@ class Dtls:
 
     def get_peer_fingerprint(self, algorithm: str = "sha-256") -> str | None:
         """RFC 8122 fingerprint of the peer's certificate, or None if it sent none."""
+        conn = self._live()
+        if conn.ssl == ffi.NULL and digest_for(algorithm) == digest_for("sha-256"):
+            digest = lib.pd_peer_sha256(conn)  # kept even when the DER was dropped
+            return None if digest == ffi.NULL else format_fingerprint(bytes(ffi.buffer(digest, 32)))
         der = self.peer_certificate()
         return None if der is None else certificate_fingerprint(der, algorithm)
 
     def peer_certificate(self) -> bytes | None:
-        """The peer's certificate, DER-encoded, or None."""
+        """The peer's certificate, DER-encoded, or None.
+
+        An idle association that the server core compacted keeps only the
+        certificate's sha-256 fingerprint, unless its context says
+        ``keep_peer_certificate=True``; asking it for the DER then raises
+        ``ValueError``.
+        """
         conn = self._live()
         if conn.ssl == ffi.NULL:
             der = ffi.new("const unsigned char **")
             size = lib.pd_peer_der(conn, der)
+            if size < 0:
+                raise ValueError("this idle association kept only its peer's sha-256 fingerprint; "
+                                 "DtlsContext(keep_peer_certificate=True) keeps the certificate")
             return bytes(ffi.buffer(der[0], size)) if size > 0 else None
         x509 = lib.SSL_get0_peer_certificate(conn.ssl)
         return None if x509 == ffi.NULL else x509_to_der(x509)

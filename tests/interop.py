@@ -68,10 +68,10 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.reader.join(5)  # it reads to end of file before stdout is closed under it
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
-        self.reader.join(5)
 
     def __enter__(self) -> PeerProcess:
         return self

@@ -154,3 +154,27 @@ def test_ccm8_named_suite_is_on_the_engine_layer_everywhere(certs: Any) -> None:
     assert p.client.record_layer == p.server.record_layer == "engine"
     if at_least(3, 5):
         assert p.client.context.security_level == 0
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_idle_association_keeps_only_the_peer_fingerprint(certs: Any, keep: bool) -> None:
+    server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem, keep_peer_certificate=keep)
+    p = Pair(Dtls(context=DtlsContext(certs.client.cert_pem, certs.client.key_pem),
+                  expected_peer_fingerprint=certs.server.fingerprint()),
+             Dtls(is_server=True, context=server_ctx,
+                  expected_peer_fingerprint=certs.client.fingerprint()))
+    p.handshake()
+    der = p.server.peer_certificate()
+    assert der is not None
+    assert p.server.release_buffers()
+    assert p.server.get_peer_fingerprint() == certs.client.fingerprint()
+    if keep:
+        assert p.server.peer_certificate() == der
+        assert p.server.get_peer_fingerprint("sha-1") == certs.client.fingerprint("sha-1")
+    else:
+        with pytest.raises(ValueError, match="keep_peer_certificate"):
+            p.server.peer_certificate()
+        with pytest.raises(ValueError, match="keep_peer_certificate"):
+            p.server.get_peer_fingerprint("sha-1")
+    assert p.roundtrip(b"after compaction") == b"after compaction"
+    assert p.server.get_peer_fingerprint() == certs.client.fingerprint()
