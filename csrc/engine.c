@@ -22,6 +22,7 @@
 #define PD_STATE_PEER_CLOSED 3
 #define PD_STATE_FAILED 4
 #define PD_STATE_CLOSED 5
+#define PD_STATE_EXPORTED 6
 
 #define PD_ERR_SSL -1
 #define PD_ERR_TOO_BIG -2

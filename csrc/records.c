@@ -651,6 +651,24 @@ static int pd_snapshot(pd_conn *c, struct pd_rl *rl)
     return 1;
 }
 
+/* Both directions' keys and fixed IVs from the master secret and randoms:
+ * key_block = PRF(master, "key expansion", server_random + client_random). */
+static void pd_rl_derive(struct pd_rl *rl, int is_server)
+{
+    unsigned char block[2 * 32 + 2 * 12], seed[13 + 2 * PD_RANDOM];
+    size_t k = rl->key_len, v = rl->iv_len;
+    const unsigned char *ckey = block, *skey = block + k, *civ = block + 2 * k, *siv = civ + v;
+    memcpy(seed, "key expansion", 13);
+    memcpy(seed + 13, rl->secret + PD_MASTER + PD_RANDOM, PD_RANDOM);
+    memcpy(seed + 13 + PD_RANDOM, rl->secret + PD_MASTER, PD_RANDOM);
+    pd_prf(rl->prf_sha384, rl->secret, PD_MASTER, seed, sizeof(seed), block, 2 * k + 2 * v);
+    memcpy(rl->wkey, is_server ? skey : ckey, k);
+    memcpy(rl->rkey, is_server ? ckey : skey, k);
+    memcpy(rl->wiv, is_server ? siv : civ, v);
+    memcpy(rl->riv, is_server ? civ : siv, v);
+    OPENSSL_cleanse(block, sizeof(block));
+}
+
 /* Take the records over from OpenSSL, which has just finished the handshake
  * and holds no unread input; then free the SSL. On any doubt, nothing
  * changes and OpenSSL keeps the records. */
@@ -662,9 +680,7 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     const EVP_MD *prf;
     struct pd_rl *rl = NULL;
     EVP_CIPHER_CTX *check = NULL;
-    unsigned char block[2 * 32 + 2 * 12], seed[13 + 2 * PD_RANDOM];
-    const unsigned char *ckey, *skey, *civ, *siv;
-    size_t key_len, iv_len, off;
+    size_t key_len, off;
     const unsigned char *run;
     pd_node *e;
 
@@ -673,7 +689,6 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
             || c->max_plaintext + PD_RECORD_HEADER + rl->explicit_iv + rl->tag > c->mtu)
         goto keep;
     key_len = (size_t)EVP_CIPHER_get_key_length(rl->aead);
-    iv_len = rl->iv_len;
     rl->key_len = (unsigned int)key_len;
     rl->epoch = 1;
     prf = SSL_CIPHER_get_handshake_digest(cipher);
@@ -683,19 +698,7 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
             || SSL_get_client_random(s, rl->secret + PD_MASTER, PD_RANDOM) != PD_RANDOM
             || SSL_get_server_random(s, rl->secret + PD_MASTER + PD_RANDOM, PD_RANDOM) != PD_RANDOM)
         goto keep;
-    /* key_block = PRF(master, "key expansion", server_random + client_random) */
-    memcpy(seed, "key expansion", 13);
-    memcpy(seed + 13, rl->secret + PD_MASTER + PD_RANDOM, PD_RANDOM);
-    memcpy(seed + 13 + PD_RANDOM, rl->secret + PD_MASTER, PD_RANDOM);
-    pd_prf(rl->prf_sha384, rl->secret, PD_MASTER, seed, sizeof(seed), block,
-           2 * key_len + 2 * iv_len);
-    ckey = block, skey = block + key_len;
-    civ = block + 2 * key_len, siv = civ + iv_len;
-    memcpy(rl->wkey, c->is_server ? skey : ckey, key_len);
-    memcpy(rl->rkey, c->is_server ? ckey : skey, key_len);
-    memcpy(rl->wiv, c->is_server ? siv : civ, iv_len);
-    memcpy(rl->riv, c->is_server ? civ : siv, iv_len);
-    OPENSSL_cleanse(block, sizeof(block));
+    pd_rl_derive(rl, c->is_server);
     /* sequence numbers: after every record OpenSSL sent, pulled or not */
     run = c->out + c->out_off;
     for (off = 0; c->out_len - off >= PD_RECORD_HEADER; ) {
@@ -733,7 +736,6 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     return;
 keep:
     EVP_CIPHER_CTX_free(check);
-    OPENSSL_cleanse(block, sizeof(block));
     pd_rl_free(rl);
     c->compact = 0;
     ERR_clear_error();

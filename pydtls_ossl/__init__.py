@@ -6,7 +6,8 @@ send what ``pull()`` returns, drive ``handshake()``, then ``write()``/
 share. See README.md for a tour.
 """
 
-from ._errors import (Alert, AlertDescription, AlertReceived, CertificateError,
+from ._errors import (Alert, AlertDescription, AlertReceived, AssociationError,
+                      CertificateError,
                       ConfigurationError, ConnectionClosed, DtlsError, FingerprintMismatch,
                       HandshakeError, InternalError, LimitExceeded, ResumptionWarning)
 from ._ffi import openssl_version
@@ -22,7 +23,7 @@ from .stores import MemorySessionStore, SessionStore
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alert", "AlertDescription", "AlertReceived", "CONTINUE", "Certificate", "CertificateError",
+    "Alert", "AlertDescription", "AlertReceived", "AssociationError", "CONTINUE", "Certificate", "CertificateError",
     "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionState",
     "ConnectionTerminated", "DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DataReceived", "Dtls",
     "DtlsContext", "DtlsError", "DtlsServer", "ServerStats", "FINISHED", "FingerprintMismatch",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 __all__ = [
     "Alert",
     "AlertDescription",
+    "AssociationError",
     "AlertReceived",
     "CertificateError",
     "ConfigurationError",
@@ -149,6 +150,12 @@ class AlertReceived(DtlsError):
     def __init__(self, alert: Alert, reasons: tuple[str, ...] = ()) -> None:
         super().__init__(f"peer sent {alert}", reasons)
         self.alert = alert
+
+
+class AssociationError(DtlsError):
+    """A sealed association blob cannot be imported: a wrong or removed key,
+    tampered or truncated bytes, another format version, a binding or
+    context that differs from the exporter's, or a suite the context lacks."""
 
 
 class ResumptionWarning(UserWarning):

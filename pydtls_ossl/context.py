@@ -134,6 +134,23 @@ class CookieSecret:
         return self._keys
 
 
+def _association_keys(keys: Sequence[bytes] | None) -> tuple[tuple[bytes, bytes], ...]:
+    """(key id, key) pairs: the first seals exported associations, every one opens."""
+    if keys is None:
+        return ()
+    if isinstance(keys, (bytes, bytearray)):
+        raise TypeError("association_keys is a list of keys: association_keys=[key]")
+    pairs = []
+    for key in keys:
+        key = bytes(key)
+        if len(key) != 32:
+            raise ValueError("association keys are 32 bytes each")
+        pairs.append((hashlib.sha256(b"pydtls_ossl association key id\0" + key).digest()[:4], key))
+    if not pairs:
+        raise ValueError("association_keys must not be empty; pass None for none")
+    return tuple(pairs)
+
+
 def check_mtu(mtu: int) -> int:
     """Validate a datagram MTU (the UDP payload size, not the link MTU)."""
     if not isinstance(mtu, int) or not _MIN_MTU <= mtu <= _MAX_MTU:
@@ -192,6 +209,12 @@ class DtlsContext:
     for quiet peers) keeps only its peer certificate's sha-256 fingerprint,
     not the certificate, unless ``keep_peer_certificate=True``.
 
+    ``association_keys=[key, ...]`` (32 bytes each; the first seals, every
+    one opens, so keys rotate) lets ``Dtls.export_association()`` move an
+    established association out of the process and ``import_association()``
+    continue it; an import jumps the write sequence number by
+    ``sequence_gap`` plus a random amount, so no nonce is ever reused.
+
     ``record_layer="engine"`` (the default): once a handshake with an AEAD
     suite (AES-GCM, ChaCha20-Poly1305) finishes, the engine protects records
     itself with OpenSSL's AEAD and frees the SSL object, as kernel TLS does:
@@ -239,6 +262,8 @@ class DtlsContext:
         ticket_period: float = 3600.0,
         session_store: SessionStore | None = None,
         keep_peer_certificate: bool = False,
+        association_keys: Sequence[bytes] | None = None,
+        sequence_gap: int = 2**20,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
@@ -246,6 +271,10 @@ class DtlsContext:
             raise ValueError(f"record_layer must be 'engine' or 'openssl', got {record_layer!r}")
         self.record_layer = record_layer
         self.keep_peer_certificate = bool(keep_peer_certificate)
+        self.association_keys = _association_keys(association_keys)
+        if not isinstance(sequence_gap, int) or not 0 <= sequence_gap <= 2**40:
+            raise ValueError("sequence_gap is 0 to 2**40 records")
+        self.sequence_gap = sequence_gap
         if handshake_timeout is not None and not 0 < handshake_timeout <= 86400:
             raise ValueError(f"handshake_timeout must be None or 0 to 86400 seconds, "
                              f"got {handshake_timeout}")
@@ -432,6 +461,15 @@ class DtlsContext:
         """A ``DtlsListener`` bound to ``address``; ``limits`` go to ``DtlsServer``."""
         from .sockets import DtlsListener
         return DtlsListener(self, address, **limits)
+
+    def association_binding(self, binding: bytes) -> bytes:
+        """What a sealed association is bound to: the settings an importer must share
+        (suites, SRTP profiles, ALPN) and the caller's own ``binding`` bytes."""
+        h = hashlib.sha256(b"pydtls_ossl association binding v1")
+        for part in (self.ciphers.encode(), ",".join(p.openssl_name for p in self.srtp_profiles).encode(),
+                     ",".join(self.alpn_protocols).encode(), bytes(binding)):
+            h.update(len(part).to_bytes(4, "big") + part)
+        return h.digest()
 
     @property
     def security_level(self) -> int:

@@ -13,9 +13,9 @@ import enum
 import os
 from typing import Any, Callable, Sequence
 
-from ._errors import (Alert, AlertReceived, CertificateError, ConfigurationError,
-                      ConnectionClosed, DtlsError, FingerprintMismatch, HandshakeError,
-                      InternalError)
+from ._errors import (Alert, AlertReceived, AssociationError, CertificateError,
+                      ConfigurationError, ConnectionClosed, DtlsError, FingerprintMismatch,
+                      HandshakeError, InternalError)
 from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from ._callbacks import take_callback_error
 from ._resumption import frame_session, offer_session
@@ -53,6 +53,7 @@ class ConnectionState(enum.IntEnum):
     PEER_CLOSED = lib.PD_STATE_PEER_CLOSED
     FAILED = lib.PD_STATE_FAILED
     CLOSED = lib.PD_STATE_CLOSED
+    EXPORTED = lib.PD_STATE_EXPORTED
 
 
 _DEAD = lib.pd_dead_conn()
@@ -235,10 +236,12 @@ class Dtls:
         except TypeError:
             datagram = bytes(datagram)
             n = _pd_feed(self._conn, datagram, len(datagram))
-        if n >= 0:
+        if n > 0:
             return n
         if n == _ERR_SSL:
             self._dead_error()  # drain the queue now; later calls raise it
+        elif self._final_state is ConnectionState.EXPORTED and self._conn is _DEAD:
+            raise self._dead_error()
         return 0  # e.g. a restarted peer's ClientHello: only a DtlsServer acts on it
 
     def pull(self) -> bytes | None:
@@ -248,7 +251,11 @@ class Dtls:
         if n > 0:
             return _unpack(conn.data, n)  # type: ignore[no-any-return]
         if n == 0:
-            return self._leftover.pop(0) if self._leftover else None
+            if self._leftover:
+                return self._leftover.pop(0)
+            if self._final_state is ConnectionState.EXPORTED and conn is _DEAD:
+                raise self._dead_error()
+            return None
         raise InternalError(f"OpenSSL wrote a record larger than the MTU ({conn.mtu})")
 
     def write(self, data: bytes) -> int:
@@ -337,6 +344,8 @@ class Dtls:
 
     def handshake(self) -> HandshakeStatus:
         """Advance the handshake; a client's first call sends its ClientHello."""
+        if self._conn is _DEAD and self._final_state is ConnectionState.EXPORTED:
+            raise self._dead_error()
         r = lib.pd_handshake(self._conn)
         if r == 1:
             return FINISHED
@@ -588,6 +597,73 @@ class Dtls:
         if lib.pd_accept_hello(self._conn, hello, len(hello)) < 0:
             raise self._dead_error()
 
+    # ---------------------------------------------------------- associations
+
+    def export_association(self, binding: bytes = b"") -> bytes:
+        """Move this established association out, sealed; the engine is then EXPORTED.
+
+        The blob is AES-256-GCM-sealed under the context's first
+        ``association_keys`` entry, bound to the context's suites, SRTP and
+        ALPN settings and to ``binding`` (pass the same bytes to
+        ``import_association``: the peer's address, a device id). No
+        close_notify is sent; every later call on this engine raises.
+        Requires the engine's record layer, and nothing left to ``pull()`` or
+        ``read()``. The blob holds no plaintext key material.
+        """
+        context = self._context
+        if not context.association_keys:
+            raise ConfigurationError("export_association() needs DtlsContext(association_keys=[...])")
+        conn = self._live()
+        if conn.state != _ESTABLISHED:
+            raise ValueError("only an established association can be exported")
+        key_id, key = context.association_keys[0]
+        out = ffi.new("unsigned char[]", 4096)
+        n = lib.pd_export_association(conn, key, key_id, context.association_binding(binding),
+                                      context.sequence_gap, out, len(out))
+        if n == lib.PD_ASSOC_ERR_STATE:
+            raise ValueError("this association keeps libssl's record layer "
+                             f"(record_layer={self.record_layer!r}) and cannot be exported")
+        if n == lib.PD_ASSOC_ERR_PENDING:
+            raise ValueError("pull() every queued datagram and read() every record before exporting")
+        if n < 0:
+            raise InternalError(f"cannot export the association (error {n})", drain_errors())
+        self._final_state = ConnectionState.EXPORTED
+        self._error = ConnectionClosed("the association was exported (export_association())")
+        self._conn = _DEAD
+        ffi.release(conn)
+        return bytes(ffi.buffer(out, n))
+
+    @classmethod
+    def import_association(cls, state: bytes, *, context: DtlsContext, binding: bytes = b"") -> Dtls:
+        """An engine continuing an exported association: the peer notices nothing.
+
+        Raises ``AssociationError`` for a blob that a key of
+        ``context.association_keys`` does not open, that was tampered with or
+        cut, bound to other ``binding`` bytes or context settings, or of
+        another format version.
+        """
+        if not context.association_keys:
+            raise ConfigurationError("import_association() needs DtlsContext(association_keys=[...])")
+        state = bytes(state)
+        keys = b"".join(key_id + key for key_id, key in context.association_keys)
+        err = ffi.new("int *")
+        conn = lib.pd_import_association(context.ssl_ctx, keys, len(context.association_keys),
+                                         context.association_binding(binding), state, len(state),
+                                         context.initial_rto_us, context.max_rto_us, err)
+        drain_errors()
+        if conn == ffi.NULL:
+            raise AssociationError(_IMPORT_ERRORS.get(err[0], f"cannot import the association "
+                                                              f"(error {err[0]})"))
+        engine = cls.__new__(cls)
+        engine._conn = ffi.gc(conn, lib.pd_conn_free)
+        engine._context = context
+        engine._hook = None
+        engine._error = None
+        engine._leftover = None
+        engine._final_state = ConnectionState.CLOSED
+        conn.keep_peer_cert = int(context.keep_peer_certificate)
+        return engine
+
     def _drop_hook(self) -> None:
         """Forget verify_peer once the handshake no longer needs it."""
         if self._hook is not None and self._conn is not _DEAD:
@@ -695,6 +771,17 @@ class Dtls:
         error = self._dead_error()
         assert isinstance(error, HandshakeError)
         return error
+
+
+_IMPORT_ERRORS = {
+    lib.PD_ASSOC_ERR_FORMAT: "the association blob is truncated or malformed",
+    lib.PD_ASSOC_ERR_VERSION: "the association blob has another format version",
+    lib.PD_ASSOC_ERR_KEY: "no key of association_keys has the blob's key id (removed, or another deployment's)",
+    lib.PD_ASSOC_ERR_AUTH: ("the association blob does not authenticate: tampered, sealed under "
+                            "another key, or bound to other binding= bytes or context settings"),
+    lib.PD_ASSOC_ERR_SUITE: "this context does not offer the association's suite or SRTP profile",
+    lib.PD_ASSOC_ERR_NOMEM: "out of memory importing the association",
+}
 
 
 def _uses_psk(ssl: Any) -> bool:
