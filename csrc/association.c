@@ -13,7 +13,7 @@
  *
  * Import never reuses a nonce: the write sequence number jumps by the gap the
  * exporter recorded, plus one per microsecond since the export, plus a random
- * amount below 2^16. A snapshot imported after the live association sent up
+ * amount below 2^8 (far below what a microsecond lets an association send). A snapshot imported after the live association sent up
  * to `gap` more records starts beyond them; of two imports of one blob, the
  * later one starts beyond what the earlier one sent (unless that exceeded
  * about a million records a second), and two at the same moment differ by
@@ -288,9 +288,9 @@ static int pd_assoc_parse(pd_conn *c, SSL_CTX *ctx, const unsigned char *plain, 
     rl->extms = (int)((flags >> 1) & 1);
     if (c->max_plaintext + PD_RECORD_HEADER + rl->explicit_iv + rl->tag > c->mtu)
         goto format;
-    if (RAND_bytes((unsigned char *)&jump, 2) != 1)
+    if (RAND_bytes((unsigned char *)&jump, 1) != 1)
         goto nomem;
-    jump &= 0xFFFFULL;
+    jump &= 0xFFULL;
     now = pd_wall_us();
     if (now > exported) /* a clock behind the exporter's adds nothing */
         jump += now - exported > PD_SEQ_MAX ? PD_SEQ_MAX : now - exported;
