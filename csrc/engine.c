@@ -512,6 +512,8 @@ void pd_conn_free(pd_conn *c)
 {
     if (c == NULL || c == &pd_dead)
         return;
+    if (c->ssl != NULL && (c->state == PD_STATE_ESTABLISHED || c->state == PD_STATE_PEER_CLOSED))
+        SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN); /* keep its session cached */
     SSL_free(c->ssl);
     pd_rl_free(c->rl);
     pd_nodes_free(c->early);

@@ -102,6 +102,73 @@ void pd_ticket_secret_clear(pd_ticket_secret *t)
 
 /* ------------------------------------------------------------ sessions */
 
+#define PD_OFFER_OK 0
+#define PD_OFFER_NOT_RESUMABLE 2
+#define PD_OFFER_EXPIRED 3
+#define PD_OFFER_PIN 4
+#define PD_OFFER_CA 5
+#define PD_OFFER_NO_CERT 6
+#define PD_OFFER_CERT 7
+#define PD_OFFER_REFUSED 8
+#define PD_CHECK_NONE 0
+#define PD_CHECK_PINS 1
+#define PD_CHECK_CA 2
+#define PD_CHECK_ANY 3
+#define PD_CHECK_PSK 4
+
+static int pd_pins_match(const pd_conn *c, X509 *cert)
+{
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int len;
+    int i;
+    for (i = 0; cert != NULL && i < c->npins; i++)
+        if (X509_digest(cert, c->pins[i].md, digest, &len) == 1 && len == c->pins[i].len
+                && CRYPTO_memcmp(digest, c->pins[i].digest, len) == 0)
+            return 1;
+    return 0;
+}
+
+static int pd_leaf_verifies(SSL_CTX *ctx, X509 *leaf, const char *host)
+{
+    X509_STORE_CTX *store = X509_STORE_CTX_new();
+    int ok = store != NULL && X509_STORE_CTX_init(store, SSL_CTX_get_cert_store(ctx), leaf, NULL) == 1
+        && X509_STORE_CTX_set_default(store, "ssl_server") == 1 && X509_verify_cert(store) == 1
+        && (host == NULL || X509_check_host(leaf, host, 0, 0, NULL) == 1);
+    X509_STORE_CTX_free(store);
+    return ok;
+}
+
+/* Offer a decoded session on a client about to say hello, if it still passes
+ * the engine's verification (check: PD_CHECK_*; pins are c's); PD_OFFER_*. */
+int pd_offer_session(pd_conn *c, SSL_CTX *ctx, SSL_SESSION *session, int check, const char *host)
+{
+    X509 *peer = SSL_SESSION_get0_peer(session);
+    long now = (long)time(NULL), start = (long)SSL_SESSION_get_time(session);
+    long expires = start + (long)SSL_SESSION_get_timeout(session);
+    int r = PD_OFFER_OK;
+    if (SSL_SESSION_has_ticket(session) && SSL_SESSION_get_ticket_lifetime_hint(session) > 0
+            && start + (long)SSL_SESSION_get_ticket_lifetime_hint(session) < expires)
+        expires = start + (long)SSL_SESSION_get_ticket_lifetime_hint(session); /* the server's word */
+    if (c->ssl == NULL || c->state != PD_STATE_NEW || c->is_server
+            || !SSL_SESSION_is_resumable(session)
+            || SSL_SESSION_get_protocol_version(session) != DTLS1_2_VERSION)
+        r = PD_OFFER_NOT_RESUMABLE;
+    else if (expires <= now)
+        r = PD_OFFER_EXPIRED;
+    else if (check == PD_CHECK_PINS && !pd_pins_match(c, peer))
+        r = PD_OFFER_PIN;
+    else if (check == PD_CHECK_CA && (peer == NULL || !pd_leaf_verifies(ctx, peer, host)))
+        r = PD_OFFER_CA;
+    else if (check == PD_CHECK_ANY && peer == NULL)
+        r = PD_OFFER_NO_CERT;
+    else if (check == PD_CHECK_PSK && peer != NULL)
+        r = PD_OFFER_CERT;
+    else if (SSL_set_session(c->ssl, session) != 1)
+        r = PD_OFFER_REFUSED;
+    ERR_clear_error();
+    return r;
+}
+
 /* The session to resume (a client, before its first handshake step). 1 set. */
 int pd_set_session(pd_conn *c, const unsigned char *der, size_t len)
 {
@@ -120,42 +187,6 @@ int pd_set_session(pd_conn *c, const unsigned char *der, size_t len)
     SSL_SESSION_free(session);
     ERR_clear_error();
     return ok == 1;
-}
-
-/* The peer certificate a session holds, DER, into buf (room cap); its length,
- * 0 without one, -1 when the bytes are no session. */
-long pd_session_peer(const unsigned char *der, size_t len, unsigned char *buf, size_t cap,
-                     long *expires, int *version)
-{
-    const unsigned char *p = der;
-    SSL_SESSION *session = d2i_SSL_SESSION(NULL, &p, (long)len);
-    X509 *peer;
-    long n = 0;
-    if (session == NULL || p != der + len) {
-        SSL_SESSION_free(session);
-        ERR_clear_error();
-        return -1;
-    }
-    *expires = (long)SSL_SESSION_get_time(session) + (long)SSL_SESSION_get_timeout(session);
-    if (SSL_SESSION_has_ticket(session) && SSL_SESSION_get_ticket_lifetime_hint(session) > 0
-            && (long)SSL_SESSION_get_time(session)
-               + (long)SSL_SESSION_get_ticket_lifetime_hint(session) < *expires)
-        *expires = (long)SSL_SESSION_get_time(session)
-            + (long)SSL_SESSION_get_ticket_lifetime_hint(session); /* the server's word */
-    *version = SSL_SESSION_get_protocol_version(session);
-    if (!SSL_SESSION_is_resumable(session))
-        *version = 0;
-    peer = SSL_SESSION_get0_peer(session);
-    if (peer != NULL) {
-        n = i2d_X509(peer, NULL);
-        if (n > 0 && (size_t)n <= cap) {
-            unsigned char *q = buf;
-            n = i2d_X509(peer, &q);
-        }
-    }
-    SSL_SESSION_free(session);
-    ERR_clear_error();
-    return n;
 }
 
 static long pd_session_der(SSL_SESSION *session, unsigned char **out)
@@ -200,7 +231,8 @@ long pd_session_to_der(SSL_SESSION *session, unsigned char *buf, size_t cap)
     return n > 0 ? -n : 0;
 }
 
-/* A session from stored bytes for OpenSSL's get callback (which takes it). */
+/* A session decoded from bytes (the caller, or OpenSSL's get callback, owns
+ * it), or NULL for bytes that are none or have trailing garbage. */
 SSL_SESSION *pd_session_from_der(const unsigned char *der, size_t len)
 {
     const unsigned char *p = der;
@@ -227,22 +259,3 @@ void pd_ctx_session_callbacks(SSL_CTX *ctx, int notify, int external)
     }
 }
 
-/* Whether a session's server certificate (DER) still verifies against the
- * context's trust store (and host, when given): 1 yes, 0 no. */
-int pd_ctx_verify_leaf(SSL_CTX *ctx, const unsigned char *der, size_t len, const char *host)
-{
-    const unsigned char *p = der;
-    X509 *leaf = d2i_X509(NULL, &p, (long)len);
-    X509_STORE_CTX *store = X509_STORE_CTX_new();
-    int ok = 0;
-    if (leaf != NULL && store != NULL
-            && X509_STORE_CTX_init(store, SSL_CTX_get_cert_store(ctx), leaf, NULL) == 1) {
-        X509_STORE_CTX_set_default(store, "ssl_server");
-        ok = X509_verify_cert(store) == 1
-            && (host == NULL || X509_check_host(leaf, host, 0, 0, NULL) == 1);
-    }
-    X509_STORE_CTX_free(store);
-    X509_free(leaf);
-    ERR_clear_error();
-    return ok;
-}

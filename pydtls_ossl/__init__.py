@@ -15,19 +15,21 @@ from .certs import (Certificate, certificate_fingerprint, fingerprints_equal, fo
                     generate_certificate, parse_fingerprint)
 from .context import DEFAULT_CIPHERS, DEFAULT_GROUPS, DtlsContext, Verify
 from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
-from .server import (ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer,
-                     ServerStats)
+from .server import (ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
+                     ConnectionTerminated, DataReceived, DtlsServer, ServerStats)
 from .srtp import SrtpKeys, SrtpProfile
-from .stores import MemorySessionStore, SessionStore
+from .stores import (AssociationStore, DirectoryAssociationStore, MemoryAssociationStore,
+                     MemorySessionStore, SessionStore)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Alert", "AlertDescription", "AlertReceived", "AssociationError", "CONTINUE", "Certificate", "CertificateError",
-    "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionState",
+    "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionState",
     "ConnectionTerminated", "DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DataReceived", "Dtls",
     "DtlsContext", "DtlsError", "DtlsServer", "ServerStats", "FINISHED", "FingerprintMismatch",
-    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "ResumptionWarning", "MemorySessionStore", "SessionStore", "SrtpKeys",
+    "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "ResumptionWarning", "AssociationStore", "DirectoryAssociationStore", "MemoryAssociationStore",
+    "MemorySessionStore", "SessionStore", "SrtpKeys",
     "SrtpProfile", "Verify",
     "certificate_fingerprint", "fingerprints_equal", "format_fingerprint",
     "generate_certificate", "openssl_version", "parse_fingerprint",

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
+import threading
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 from ._errors import ConfigurationError, ResumptionWarning
@@ -36,8 +37,8 @@ SessionGet = Callable[[bytes], "bytes | None"]
 SessionNew = Callable[[bytes, bytes], None]
 SessionRemove = Callable[[bytes], None]
 
-_DTLS1_2 = 0xFEFD
 _MAX_SESSION = 64 * 1024
+_DECODED_MAX = 64
 #: session() appends this and a digest to the DER, so that damaged bytes (a
 #: flipped bit in the master secret parses fine) are caught before they are
 #: offered; bare DER from other tools is accepted as it is.
@@ -107,6 +108,8 @@ class Resumption:
         self.ticket_period = ticket_period
         self._base_id = context_id if context_id is not None else os.urandom(16)
         self._sid_cache: dict[str, bytes] = {}
+        self._decoded: OrderedDict[bytes, Any] = OrderedDict()
+        self._decoded_lock = threading.Lock()
         self._ticket_secret: Any = None
         if ticket_secret is not None:
             secret = bytes(ticket_secret)
@@ -114,6 +117,26 @@ class Resumption:
                 secret = hashlib.sha512(secret).digest()
             self._ticket_secret = ffi.gc(ffi.new("pd_ticket_secret *"), lib.pd_ticket_secret_clear)
             lib.pd_ticket_secret_set(self._ticket_secret, secret, len(secret), int(ticket_period))
+
+    def decoded(self, der: bytes) -> Any:
+        """The decoded session for ``der`` (NULL-free cdata), or None; the last few are
+        kept, since decoding one costs ~1.5M instructions in OpenSSL 3.0 (its
+        certificate's key decoder) and a client offers the same session often."""
+        digest = hashlib.sha256(der).digest()
+        with self._decoded_lock:
+            session = self._decoded.get(digest)
+            if session is not None:
+                self._decoded.move_to_end(digest)
+                return session
+        raw = lib.pd_session_from_der(der, len(der))
+        if raw == ffi.NULL:
+            return None
+        session = ffi.gc(raw, lib.SSL_SESSION_free)
+        with self._decoded_lock:
+            self._decoded[digest] = session
+            while len(self._decoded) > _DECODED_MAX:
+                self._decoded.popitem(last=False)
+        return session
 
     @property
     def enabled(self) -> bool:
@@ -177,43 +200,37 @@ class Resumption:
                 f"that a session verified elsewhere is never resumed here")
 
 
-def offer_session(conn: Any, context: Any, der: bytes, pins: Sequence[tuple[str, bytes]],
-                  verification: Any, server_hostname: str | None) -> bool:
-    """Offer ``der`` for resumption if it may be resumed; warn and return False otherwise."""
-    from .certs import certificate_fingerprint, parse_fingerprint
+_OFFER_REFUSALS = {
+    lib.PD_OFFER_NOT_RESUMABLE: "the session is not a resumable DTLS 1.2 session",
+    lib.PD_OFFER_EXPIRED: "the session has expired",
+    lib.PD_OFFER_PIN: "the session's server certificate does not match the pinned fingerprint",
+    lib.PD_OFFER_CA: "the session's server certificate no longer verifies (CA, hostname)",
+    lib.PD_OFFER_NO_CERT: "the session has no server certificate",
+    lib.PD_OFFER_CERT: "a PSK client does not resume a certificate session",
+    lib.PD_OFFER_REFUSED: "OpenSSL refused the session",
+}
+
+
+def offer_session(conn: Any, context: Any, data: bytes, pinned: bool, verification: Any,
+                  server_hostname: str | None) -> bool:
+    """Offer saved session bytes for resumption if they may be resumed; warn and
+    return False otherwise. One decode per distinct session per context."""
     from .context import Verify
-    if len(der) > _MAX_SESSION:
+    if len(data) > _MAX_SESSION:
         return _refuse("the session is larger than any DTLS session")
-    unframed = unframe_session(der)
-    if unframed is None:
+    der = unframe_session(data)
+    if der is None:
         return _refuse("the session bytes are damaged (their check does not match)")
-    der = unframed
-    peer = ffi.new("unsigned char[]", 16384)
-    expires, version = ffi.new("long *"), ffi.new("int *")
-    n = lib.pd_session_peer(der, len(der), peer, len(peer), expires, version)
-    if n < 0:
+    session = context.resumption.decoded(der)
+    if session is None:
         return _refuse("the bytes are not a serialized session (corrupted or truncated?)")
-    if version[0] != _DTLS1_2:
-        return _refuse("the session is not a resumable DTLS 1.2 session")
-    if expires[0] <= time.time():
-        return _refuse("the session has expired")
-    leaf = bytes(ffi.buffer(peer, n)) if n > 0 else None
-    if pins:
-        if leaf is None or not any(
-                parse_fingerprint(certificate_fingerprint(leaf, algorithm))[1] == digest
-                for algorithm, digest in pins):
-            return _refuse("the session's server certificate does not match the pinned fingerprint")
-    elif verification is Verify.CA:
-        host = None if server_hostname is None else server_hostname.encode("idna")
-        if leaf is None or not lib.pd_ctx_verify_leaf(context.ssl_ctx, leaf, len(leaf),
-                                                      ffi.NULL if host is None else host):
-            return _refuse("the session's server certificate no longer verifies (CA, hostname)")
-    elif verification is Verify.ANY_CERTIFICATE and leaf is None:
-        return _refuse("the session has no server certificate")
-    elif verification is Verify.PSK and leaf is not None:
-        return _refuse("a PSK client does not resume a certificate session")
-    if not lib.pd_set_session(conn, der, len(der)):
-        return _refuse("OpenSSL refused the session")
+    check = lib.PD_CHECK_PINS if pinned else {
+        Verify.CA: lib.PD_CHECK_CA, Verify.ANY_CERTIFICATE: lib.PD_CHECK_ANY,
+        Verify.PSK: lib.PD_CHECK_PSK}.get(verification, lib.PD_CHECK_NONE)
+    host = ffi.NULL if server_hostname is None else server_hostname.encode("idna")
+    result = lib.pd_offer_session(conn, context.ssl_ctx, session, check, host)
+    if result != lib.PD_OFFER_OK:
+        return _refuse(_OFFER_REFUSALS.get(result, "the session cannot be offered"))
     return True
 
 

@@ -219,7 +219,7 @@ class Dtls:
             conn.keep_session = 1
             saved = session if session is not None else resumption.session
             if saved is not None:
-                offer_session(conn, context, bytes(saved), pins, mode, server_hostname)
+                offer_session(conn, context, bytes(saved), bool(pins), mode, server_hostname)
         drain_errors()
 
     # ------------------------------------------------------------ hot path

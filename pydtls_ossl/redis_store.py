@@ -1,4 +1,4 @@
-"""A session store in Redis, shared by every process of a cluster (the ``redis`` extra).
+"""Session and association stores in Redis, shared by a cluster (the ``redis`` extra).
 
 ``RedisSessionStore("redis://host:6379/0")`` or ``RedisSessionStore(client)``
 with a ``redis.Redis`` you built. Keys are binary-safe: a prefix, then the
@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["RedisSessionStore"]
+__all__ = ["RedisAssociationStore", "RedisSessionStore"]
 
 _log = logging.getLogger("pydtls_ossl")
 
@@ -68,3 +68,45 @@ class RedisSessionStore:
 
     def __repr__(self) -> str:
         return f"<RedisSessionStore prefix={self.prefix!r}>"
+
+
+class RedisAssociationStore:
+    """``AssociationStore`` over Redis: ``take`` is an atomic GETDEL (Redis 6.2+), so
+    of the processes that receive a peer's datagrams, exactly one continues it.
+
+    Unlike sessions, an association that cannot be stored is not silently
+    lost: ``put`` raises when Redis is down (the server then keeps the peer in
+    memory); ``take`` answers None (the peer's datagrams are dropped until it
+    can be restored, or it shakes hands again).
+    """
+
+    def __init__(self, client: Any = "redis://127.0.0.1:6379/0", *,
+                 prefix: bytes = b"pydtls:assoc:", timeout: float = 0.5,
+                 ttl: float | None = 7 * 86400) -> None:
+        redis = _redis()
+        if isinstance(client, str):
+            client = redis.Redis.from_url(client, socket_timeout=timeout,
+                                          socket_connect_timeout=timeout)
+        self.client = client
+        self.prefix = bytes(prefix)
+        self.ttl = ttl
+        self._errors = (redis.RedisError, OSError)
+
+    def put(self, key: bytes, blob: bytes) -> None:
+        px = None if self.ttl is None else int(self.ttl * 1000)
+        self.client.set(self.prefix + key, blob, px=px)
+
+    def take(self, key: bytes) -> bytes | None:
+        try:
+            value = self.client.getdel(self.prefix + key)
+        except self._errors as exc:
+            _log.warning("pydtls_ossl: Redis association store take failed (%s: %s)",
+                         type(exc).__name__, exc)
+            return None
+        return None if value is None else bytes(value)
+
+    def delete(self, key: bytes) -> None:
+        self.client.delete(self.prefix + key)
+
+    def __repr__(self) -> str:
+        return f"<RedisAssociationStore prefix={self.prefix!r}>"

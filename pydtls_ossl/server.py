@@ -12,18 +12,21 @@ time and queued bytes; ``datagrams_to_send()`` serves peers round-robin.
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 from ._errors import ConnectionClosed as ConnectionClosedError
-from ._errors import DtlsError, LimitExceeded
+from ._errors import ConfigurationError, DtlsError, LimitExceeded
 from ._ffi import ffi, lib
 from .context import DtlsContext, address_parts
 from .engine import ConnectionState, Dtls
+from .stores import AssociationStore
 
-__all__ = ["ConnectionEstablished", "ConnectionTerminated", "DataReceived", "DtlsServer",
+__all__ = ["ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionTerminated",
+           "DataReceived", "DtlsServer",
            "PeerPins", "ServerEvent", "ServerStats", "ServerVerifyPeer"]
 
 #: A socket address tuple as ``recvfrom`` gives it, or any hashable key an
@@ -36,6 +39,7 @@ PeerPins = Union[Mapping[Address, Pins], Callable[[Address], Pins]]
 #: ``verify_peer(address, fingerprint, psk_identity) -> bool``, asked inside
 #: each handshake; False fails it with bad_certificate / unknown_psk_identity.
 ServerVerifyPeer = Callable[[Address, Union[str, None], Union[str, None]], bool]
+_log = logging.getLogger("pydtls_ossl")
 _pd_feed = lib.pd_feed
 _pd_cookie_hello = lib.pd_cookie_hello
 _unpack = ffi.unpack
@@ -72,7 +76,24 @@ class ConnectionTerminated:
     error: DtlsError | None = None
 
 
-ServerEvent = Union[ConnectionEstablished, DataReceived, ConnectionTerminated]
+@dataclass(frozen=True, slots=True)
+class ConnectionEvicted:
+    """A quiet peer's association moved to the association store; no state is left here."""
+
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRestored:
+    """A peer's association came back from the association store with its datagram."""
+
+    address: Address
+    peer_fingerprint: str | None
+    psk_identity: str | None = None
+
+
+ServerEvent = Union[ConnectionEstablished, DataReceived, ConnectionTerminated, ConnectionEvicted,
+                    ConnectionRestored]
 
 
 @dataclass(slots=True)
@@ -87,6 +108,9 @@ class ServerStats:
     dropped: int = 0
     restarts: int = 0
     sends_dropped: int = 0  # send_threadsafe() records whose peer was gone or over a limit
+    evicted: int = 0
+    restored: int = 0
+    restore_failed: int = 0  # blobs that did not open (logged), or a store that failed
 
 
 class _Peer:
@@ -132,6 +156,8 @@ class DtlsServer:
                  release_after: float = 2.0,
                  expected_peer_fingerprint: PeerPins | None = None,
                  verify_peer: ServerVerifyPeer | None = None,
+                 association_store: AssociationStore | None = None,
+                 evict_after: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not context.has_certificate and context.psk_keys is None:
             raise ValueError("a DTLS server context needs cert= and key=, or psk_keys=")
@@ -149,6 +175,16 @@ class DtlsServer:
             raise TypeError("verify_peer must be a function (address, fingerprint, psk_identity) -> bool")
         if expected_peer_fingerprint is not None:
             context.resumption.require_context_id("a DtlsServer that pins client certificates")
+        if association_store is not None:
+            if not isinstance(association_store, AssociationStore):
+                raise TypeError("association_store must have put(key, blob), take(key), delete(key)")
+            if not context.association_keys:
+                raise ConfigurationError("an association store needs "
+                                         "DtlsContext(association_keys=[...]) to seal with")
+        if evict_after is not None and (association_store is None or evict_after <= 0):
+            raise ValueError("evict_after (seconds) needs an association_store and must be positive")
+        self.association_store = association_store
+        self.evict_after = float("inf") if evict_after is None else evict_after
         self.expected_peer_fingerprint = expected_peer_fingerprint
         self.verify_peer = verify_peer
         self.context = context
@@ -181,9 +217,13 @@ class DtlsServer:
         """Process one datagram received from ``address``. Never raises for its content."""
         peer = self._peers.get(address)
         if peer is None:
-            if self._cookie_check(datagram, address):
-                self._admit_stranger(datagram, address)
-            return
+            if (self.association_store is not None and len(datagram) > 13
+                    and (datagram[3] or datagram[4])):  # protected: maybe a stored peer's
+                peer = self._restore(address)
+            if peer is None:
+                if self._cookie_check(datagram, address):
+                    self._admit_stranger(datagram, address)
+                return
         if peer.replacement is not None:
             self._feed_replacement(peer, datagram)
         conn = peer.conn
@@ -418,8 +458,8 @@ class DtlsServer:
         """One heap entry per peer: its next retransmission, deadline or idle check."""
         now = self._clock()
         if peer.established:
-            quiet_for = self.idle_timeout if peer.conn.buffers_released else min(
-                self.release_after, self.idle_timeout)
+            quiet_for = min(self.idle_timeout, self.evict_after) if peer.conn.buffers_released \
+                else min(self.release_after, self.idle_timeout, self.evict_after)
             when = peer.last_seen + quiet_for
         else:
             timer = peer.engine.get_timeout()
@@ -464,6 +504,8 @@ class DtlsServer:
                 if quiet >= self.idle_timeout:
                     self._terminate(peer, "idle timeout")
                     continue
+                if quiet >= self.evict_after and self._evict(peer):
+                    continue
                 if quiet >= self.release_after and not peer.conn.buffers_released:
                     peer.engine.release_buffers()
                 self._arm(peer)
@@ -482,6 +524,84 @@ class DtlsServer:
                 peer.dirty = True
                 self._dirty.append(peer)
             self._arm(peer)
+
+    # ---------------------------------------------------- association store
+
+    @staticmethod
+    def store_key(address: Address) -> bytes:
+        """The association store's key (and the blob's binding) for a peer address."""
+        if type(address) is tuple:
+            return f"{address[0]}|{address[1]}".encode()
+        host, port = address_parts(address)
+        return host if port == 0 else host + b"|%d" % port
+
+    def _evict(self, peer: _Peer) -> bool:
+        """Export a quiet peer into the store and forget it; False keeps it here."""
+        store = self.association_store
+        if store is None or peer.replacement is not None or peer.conn.out_len or peer.conn.plain_count:
+            return False
+        key = self.store_key(peer.address)
+        try:
+            blob = peer.engine.export_association(key)
+        except (DtlsError, ValueError):
+            return False  # e.g. libssl's record layer: such peers stay in memory
+        try:
+            store.put(key, blob)
+        except Exception:
+            _log.exception("pydtls_ossl: cannot store the association of %r; it is closed",
+                           peer.address)
+            self._stats.restore_failed += 1
+            del self._peers[peer.address]
+            peer.generation += 1
+            self._events.append(ConnectionTerminated(peer.address, "association store failed"))
+            return True
+        del self._peers[peer.address]
+        peer.generation += 1
+        self._stats.evicted += 1
+        self._events.append(ConnectionEvicted(peer.address))
+        return True
+
+    def _restore(self, address: Address) -> _Peer | None:
+        store = self.association_store
+        if store is None or len(self._peers) >= self.max_connections:
+            return None
+        key = self.store_key(address)
+        try:
+            blob = store.take(key)
+        except Exception:
+            _log.exception("pydtls_ossl: the association store failed taking %r", address)
+            self._stats.restore_failed += 1
+            return None
+        if blob is None:
+            return None
+        try:
+            engine = Dtls.import_association(blob, context=self.context, binding=key)
+        except DtlsError as exc:
+            _log.warning("pydtls_ossl: dropped the stored association of %r: %s", address, exc)
+            self._stats.restore_failed += 1
+            return None
+        peer = _Peer(address, engine, 0.0)
+        peer.established = True
+        peer.last_seen = self._clock()
+        self._peers[address] = peer
+        self._stats.restored += 1
+        self._events.append(ConnectionRestored(address, engine.get_peer_fingerprint(),
+                                               engine.psk_identity()))
+        self._arm(peer)
+        return peer
+
+    def export_all(self) -> int:
+        """Move every established association into the store (for a shutdown); return how many.
+
+        Peers still shaking hands are left alone. A new server over the same
+        store continues the exported ones on their next datagrams.
+        """
+        if self.association_store is None:
+            raise ConfigurationError("export_all() needs DtlsServer(association_store=...)")
+        moved = 0
+        for peer in [p for p in self._peers.values() if p.established]:
+            moved += self._evict(peer)
+        return moved
 
     # ------------------------------------------------------------- state
 

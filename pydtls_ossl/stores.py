@@ -1,4 +1,4 @@
-"""Where resumable sessions live outside one ``SSL_CTX``: a protocol and a memory store.
+"""Where sessions and exported associations live outside one process's memory.
 
 A store maps bytes keys (session IDs) to bytes values (serialized sessions)
 with a time to live. ``DtlsContext(session_store=store)`` wires one into
@@ -6,16 +6,28 @@ OpenSSL's external session cache; ``MemorySessionStore`` is bounded (LRU
 and TTL), ``pydtls_ossl.redis_store.RedisSessionStore`` (the ``redis``
 extra) is shared by every process of a cluster. Stores hold secrets: a
 serialized session carries its master secret.
+
+``AssociationStore`` holds sealed associations (``Dtls.export_association()``)
+by key; ``DtlsServer(association_store=...)`` evicts quiet peers into one and
+restores them on their next datagram. ``take()`` removes what it returns, so
+that two processes sharing a store never both continue one association.
+Implementations: ``MemoryAssociationStore``, ``DirectoryAssociationStore``
+(one file per key, atomic), and ``RedisAssociationStore`` in
+``pydtls_ossl.redis_store``.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-__all__ = ["MemorySessionStore", "SessionStore"]
+__all__ = ["AssociationStore", "DirectoryAssociationStore", "MemoryAssociationStore",
+           "MemorySessionStore", "SessionStore"]
 
 
 @runtime_checkable
@@ -80,3 +92,98 @@ class MemorySessionStore:
 
     def __repr__(self) -> str:
         return f"<MemorySessionStore {len(self)}/{self.max_entries} entries>"
+
+
+@runtime_checkable
+class AssociationStore(Protocol):
+    """Sealed associations by bytes key. ``take`` is get-and-delete in one step."""
+
+    def put(self, key: bytes, blob: bytes) -> None:
+        """Store ``blob`` under ``key``, replacing what was there."""
+
+    def take(self, key: bytes) -> bytes | None:
+        """Remove and return the blob under ``key``, or None: one caller wins."""
+
+    def delete(self, key: bytes) -> None:
+        """Forget ``key`` (no error when missing)."""
+
+
+class MemoryAssociationStore:
+    """An in-process ``AssociationStore`` (for tests, or one process's restarts of a server)."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: bytes, blob: bytes) -> None:
+        with self._lock:
+            self._blobs[bytes(key)] = bytes(blob)
+
+    def take(self, key: bytes) -> bytes | None:
+        with self._lock:
+            return self._blobs.pop(key, None)
+
+    def delete(self, key: bytes) -> None:
+        with self._lock:
+            self._blobs.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+
+class DirectoryAssociationStore:
+    """One file per key in ``path`` (names are the key in hex, so any bytes are safe).
+
+    ``put`` writes a temporary file, fsyncs it and renames it into place, so
+    a crash leaves the old blob or the new one, never half of one; ``take``
+    renames the file away before reading it, so of two processes taking one
+    key, one gets it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: bytes) -> Path:
+        if not key:
+            raise ValueError("an association key must not be empty")
+        return self.path / (bytes(key).hex() + ".assoc")
+
+    def put(self, key: bytes, blob: bytes) -> None:
+        target = self._file(key)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".put-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def take(self, key: bytes) -> bytes | None:
+        target = self._file(key)
+        claimed = self.path / f".take-{os.getpid()}-{threading.get_ident()}-{target.name}"
+        try:
+            os.rename(target, claimed)  # atomic: only one taker succeeds
+        except FileNotFoundError:
+            return None
+        try:
+            return claimed.read_bytes()
+        finally:
+            claimed.unlink(missing_ok=True)
+
+    def delete(self, key: bytes) -> None:
+        self._file(key).unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.path.glob("*.assoc"))

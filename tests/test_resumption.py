@@ -555,3 +555,35 @@ def test_asyncio_and_blocking_clients_resume(certs: Any) -> None:
             assert reused
 
     asyncio.run(main())
+
+
+def test_sessions_survive_engines_dropped_without_close(certs: Any) -> None:
+    """Freed without close_notify, libssl would drop the session from its cache: on
+    either record layer, an association that ended well keeps its session resumable."""
+    for layer in LAYERS:
+        server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem, session_tickets=False,
+                                 record_layer=layer)  # type: ignore[arg-type]
+        client_ctx = DtlsContext(verify="none", record_layer=layer)  # type: ignore[arg-type]
+        first = Pair(Dtls(context=client_ctx), Dtls(is_server=True, context=server_ctx))
+        first.handshake()
+        session = first.client.session()
+        del first  # no close()
+        import gc
+        gc.collect()
+        second = Pair(Dtls(context=client_ctx, session=session),
+                      Dtls(is_server=True, context=server_ctx))
+        second.handshake()
+        assert second.server.session_reused(), layer
+
+
+def test_offering_a_session_decodes_it_once_per_context(certs: Any) -> None:
+    server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem)
+    client_ctx = DtlsContext(verify="none")
+    first = Pair(Dtls(context=client_ctx), Dtls(is_server=True, context=server_ctx))
+    first.handshake()
+    session = first.client.session()
+    for _ in range(3):
+        pair = Pair(Dtls(context=client_ctx, session=session), Dtls(is_server=True, context=server_ctx))
+        pair.handshake()
+        assert pair.client.session_reused()
+    assert len(client_ctx.resumption._decoded) == 1

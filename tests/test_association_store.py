@@ -1,0 +1,192 @@
+"""The server core evicts quiet peers into an association store and restores them."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pydtls_ossl import (AssociationStore, ConnectionEvicted, ConnectionRestored, DataReceived,
+                         DirectoryAssociationStore, Dtls, DtlsContext, DtlsServer,
+                         MemoryAssociationStore)
+
+from .test_server import FakeClock, Net, addr
+
+KEY = bytes(range(32))
+PSK = bytes(range(16))
+
+
+def server_context() -> DtlsContext:
+    return DtlsContext(psk_keys=lambda identity: PSK, ciphers="PSK-AES128-CCM8",
+                       association_keys=[KEY], initial_rto=0.05)
+
+
+_CLIENTS = DtlsContext(psk=("device", PSK), ciphers="PSK-AES128-CCM8", initial_rto=0.05)
+
+
+def client() -> Dtls:
+    return Dtls(context=_CLIENTS)
+
+
+def malloc_in_use() -> int:
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def client_footprint(count: int) -> int:
+    """Bytes that ``count`` established client engines hold, measured apart."""
+    server = DtlsServer(server_context(), max_connections=count + 10)
+    net = Net(server)
+    gc.collect()
+    before = malloc_in_use()
+    clients = establish(net, count)
+    server.close_all()
+    net.events.clear()
+    del server, net
+    gc.collect()
+    held = malloc_in_use() - before
+    del clients
+    return held
+
+
+def establish(net: Net, count: int) -> dict[Any, Dtls]:
+    clients = {addr(i): net.add(addr(i), client()) for i in range(count)}
+    net.run(lambda: all(c.is_handshake_finished() for c in clients.values())
+            and net.server.handshaking == 0)
+    return clients
+
+
+def test_evicted_peers_leave_nothing_and_come_back(certs: Any) -> None:
+    clock = FakeClock()
+    store = MemoryAssociationStore()
+    server = DtlsServer(server_context(), association_store=store, evict_after=60,
+                        max_connections=5000, clock=clock)
+    net = Net(server)
+    gc.collect()
+    empty = malloc_in_use()
+    clients = establish(net, 2000)
+    loaded = malloc_in_use()
+    clock.now += 61
+    server.handle_timeout()
+    net.events.extend(server.events())
+    assert len(server) == 0 and len(store) == 2000
+    assert sum(isinstance(e, ConnectionEvicted) for e in net.events) == 2000
+    gc.collect()
+    left = malloc_in_use() - empty
+    # What remains is the clients' own state and the store's blobs; the server's is gone.
+    clients_only = client_footprint(2000)
+    assert left < clients_only + 2000 * 512, \
+        f"{left} bytes still held; the clients and blobs account for {clients_only + 2000 * 512}"
+    for address, engine in list(clients.items())[:50]:
+        engine.write(b"hello again from %s" % str(address[1]).encode())
+        for datagram in iter(engine.pull, None):
+            server.feed(datagram, address)
+    events = list(server.events())
+    restored = [e for e in events if isinstance(e, ConnectionRestored)]
+    data = [e for e in events if isinstance(e, DataReceived)]
+    assert len(restored) == 50 and len(data) == 50 and len(server) == 50
+    assert data[0].data.startswith(b"hello again")
+    assert server.stats.handshakes_started == 2000 and server.stats.restored == 50
+    for event in data:  # and they answer
+        server.send(event.address, b"welcome back")
+    for datagram, address in server.datagrams_to_send():
+        clients[address].feed(datagram)
+        assert clients[address].read() == b"welcome back"
+
+
+def test_export_all_and_a_new_server_over_the_same_store(tmp_path: Path) -> None:
+    store = DirectoryAssociationStore(tmp_path / "associations")
+    first = DtlsServer(server_context(), association_store=store)
+    net = Net(first)
+    clients = establish(net, 200)
+    assert first.export_all() == 200 and len(first) == 0 and len(store) == 200
+    second = DtlsServer(server_context(), association_store=store)  # "after the restart"
+    for address, engine in clients.items():
+        engine.write(b"still there?")
+        for datagram in iter(engine.pull, None):
+            second.feed(datagram, address)
+    replies = 0
+    for event in list(second.events()):
+        if isinstance(event, DataReceived):
+            second.send(event.address, b"yes")
+    for datagram, address in second.datagrams_to_send():
+        clients[address].feed(datagram)
+        replies += clients[address].read() == b"yes"
+    assert replies == 200 and len(second) == 200
+    assert second.stats.handshakes_started == 0 and second.stats.hello_verify_requests == 0
+    assert len(store) == 0, "taken out of the store while in use"
+
+
+def test_a_blob_is_bound_to_its_address() -> None:
+    store = MemoryAssociationStore()
+    server = DtlsServer(server_context(), association_store=store)
+    net = Net(server)
+    clients = establish(net, 2)
+    server.export_all()
+    # Swap the two stored blobs: each now sits under the other peer's address.
+    a, b = DtlsServer.store_key(addr(0)), DtlsServer.store_key(addr(1))
+    blob_a, blob_b = store.take(a), store.take(b)
+    assert blob_a and blob_b
+    store.put(a, blob_b)
+    store.put(b, blob_a)
+    clients[addr(0)].write(b"x")
+    server.feed(clients[addr(0)].pull(), addr(0))  # type: ignore[arg-type]
+    assert len(server) == 0 and server.stats.restore_failed == 1
+
+
+def test_directory_store_is_atomic_and_safe(tmp_path: Path) -> None:
+    store = DirectoryAssociationStore(tmp_path)
+    assert isinstance(store, AssociationStore)
+    weird = b"../\x00/evil key"
+    store.put(weird, b"one")
+    store.put(weird, b"two")  # replaced, atomically
+    assert [p.name for p in tmp_path.iterdir()] == [weird.hex() + ".assoc"]
+    winners: list[bytes | None] = []
+    threads = [threading.Thread(target=lambda: winners.append(store.take(weird))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(winners, key=lambda w: w is None) == [b"two"] + [None] * 7
+    store.delete(weird)
+    assert len(store) == 0
+
+
+def test_redis_association_store(redis_server: Any) -> None:
+    from pydtls_ossl.redis_store import RedisAssociationStore
+    store = RedisAssociationStore(redis_server.url)
+    server = DtlsServer(server_context(), association_store=store)
+    net = Net(server)
+    clients = establish(net, 20)
+    assert server.export_all() == 20
+    assert store.take(b"nobody") is None
+    other = DtlsServer(server_context(), association_store=RedisAssociationStore(redis_server.url))
+    engine = clients[addr(3)]
+    engine.write(b"via redis")
+    other.feed(engine.pull(), addr(3))  # type: ignore[arg-type]
+    assert [e.data for e in other.events() if isinstance(e, DataReceived)] == [b"via redis"]
+    assert store.take(DtlsServer.store_key(addr(3))) is None, "taken by the other server"
+    redis_server.stop()
+    engine = clients[addr(4)]
+    engine.write(b"redis is down")
+    other.feed(engine.pull(), addr(4))  # type: ignore[arg-type]
+    assert len(other) == 1  # dropped, no crash, no hang
+
+
+def test_configuration_is_checked() -> None:
+    with pytest.raises(ValueError, match="association_store"):
+        DtlsServer(server_context(), evict_after=10)
+    with pytest.raises(Exception, match="association_keys"):
+        DtlsServer(DtlsContext(psk_keys={"a": PSK}), association_store=MemoryAssociationStore())
+    with pytest.raises(TypeError):
+        DtlsServer(server_context(), association_store=object())  # type: ignore[arg-type]
