@@ -3,6 +3,7 @@
  * Python columns, with memory BIOs, in one process.
  *
  *   bench_c handshake SECONDS CERT KEY [NTHREADS]
+ *   bench_c resume SECONDS CERT KEY cache|ticket
  *   bench_c cookie-handshake SECONDS CERT KEY
  *   bench_c records SECONDS CERT KEY SIZE
  *   bench_c records-batch SECONDS CERT KEY SIZE
@@ -18,6 +19,12 @@
  * Profile: DTLS 1.2, ECDHE-ECDSA-AES128-GCM-SHA256, groups X25519:P-256,
  * MTU 1200, the client verifies the server's P-256 certificate as its trust
  * anchor, session tickets on, server session cache off.
+ * "resume" measures abbreviated handshakes: one full handshake first, its
+ * session taken with SSL_get1_session, then every measured handshake offers
+ * it with SSL_set_session and must resume (both ends' SSL_session_reused),
+ * else the run fails. "cache": the server context's session cache
+ * (SSL_SESS_CACHE_SERVER) with SSL_OP_NO_TICKET; "ticket": RFC 5077 tickets
+ * with the server cache off, as in the other modes.
  */
 #define OPENSSL_SUPPRESS_DEPRECATED
 #include <pthread.h>
@@ -152,6 +159,51 @@ static void *handshake_loop(void *arg)
         }
     }
     return NULL;
+}
+
+/* SSL_free of an established SSL that was never shut down takes its session
+ * out of the cache and makes it unresumable (a connection that did not close
+ * cleanly); pydtls_ossl marks the shutdown done the same way before it frees
+ * the SSL at the handover, so the session stays resumable. No alert is sent. */
+static void end_free_resumable(end_t *e)
+{
+    SSL_set_shutdown(e->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    SSL_free(e->ssl);
+}
+
+/* Abbreviated handshakes resuming one saved session; fails unless every one resumed. */
+static void resume_loop(double seconds)
+{
+    SSL_SESSION *session;
+    end_t c, s;
+    long count = 0;
+    double start, end;
+    end_init(&c, client_ctx, 0);
+    end_init(&s, server_ctx, 1);
+    handshake(&c, &s);
+    if ((session = SSL_get1_session(c.ssl)) == NULL || !SSL_SESSION_is_resumable(session))
+        die("the first handshake left no resumable session");
+    end_free_resumable(&c);
+    end_free_resumable(&s);
+    start = now();
+    end = start + seconds;
+    while (more(count, end)) {
+        int i;
+        for (i = 0; i < 20; i++) {
+            end_init(&c, client_ctx, 0);
+            end_init(&s, server_ctx, 1);
+            if (SSL_set_session(c.ssl, session) != 1)
+                die("SSL_set_session");
+            handshake(&c, &s);
+            if (!SSL_session_reused(c.ssl) || !SSL_session_reused(s.ssl))
+                die("a measured handshake did not resume the session");
+            end_free_resumable(&c);
+            end_free_resumable(&s);
+            count++;
+        }
+    }
+    printf("rate=%.1f\n", count / (now() - start));
+    SSL_SESSION_free(session);
 }
 
 static void records(double seconds, size_t size)
@@ -409,6 +461,18 @@ int main(int argc, char **argv)
             total += work[i].count;
         }
         printf("rate=%.1f\n", total / (now() - start));
+    } else if (strcmp(argv[1], "resume") == 0) {
+        static const unsigned char sid_ctx[] = "bench_c";
+        const char *how = argc > 5 ? argv[5] : "";
+        if (strcmp(how, "cache") == 0) {
+            SSL_CTX_set_session_cache_mode(server_ctx, SSL_SESS_CACHE_SERVER);
+            SSL_CTX_set_options(server_ctx, SSL_OP_NO_TICKET);
+        } else if (strcmp(how, "ticket") != 0) {
+            die("resume: cache or ticket");
+        }
+        if (SSL_CTX_set_session_id_context(server_ctx, sid_ctx, sizeof(sid_ctx) - 1) != 1)
+            die("SSL_CTX_set_session_id_context");
+        resume_loop(seconds);
     } else if (strcmp(argv[1], "version") == 0) {
         printf("version=%s\n", OpenSSL_version(OPENSSL_VERSION));
     } else if (strcmp(argv[1], "cookie-handshake") == 0) {

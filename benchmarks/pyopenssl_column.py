@@ -7,6 +7,9 @@ Run by ``run.py`` under whichever interpreter has pyOpenSSL (Debian's
     python pyopenssl_column.py METRIC SECONDS CERT KEY [ARG]   (SECONDS may be nCOUNT)
 
 Prints one line ``rate=...`` or ``bytes=...``; ``version`` prints the libssl.
+``resume`` (ARG ``cache`` or ``ticket``) takes the session of one full
+handshake with ``get_session()`` and measures handshakes that
+``set_session()`` it, failing unless every one resumed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 import time
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib  # SSL_session_reused: pyOpenSSL has no method for it
 
 CIPHER = b"ECDHE-ECDSA-AES128-GCM-SHA256"
 LIMIT = 0  # "nCOUNT" instead of SECONDS: exactly COUNT operations
@@ -86,6 +90,47 @@ def handshake_loop(sctx: SSL.Context, cctx: SSL.Context, seconds: float) -> int:
     return count
 
 
+def resumable(sctx: SSL.Context, how: str) -> None:
+    """The server context resumes through its session cache or through tickets."""
+    if how == "cache":
+        sctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        sctx.set_options(SSL.OP_NO_TICKET)
+    elif how != "ticket":
+        raise SystemExit("resume: cache or ticket")
+    sctx.set_session_id(b"pyopenssl_column")
+
+
+def reused(conn: SSL.Connection) -> bool:
+    return bool(_lib.SSL_session_reused(conn._ssl))
+
+
+def closed(*conns: SSL.Connection) -> None:
+    """Freed without a shutdown, an SSL takes its session out of the cache and
+    makes it unresumable; mark the shutdown done (no alert), as pydtls_ossl does."""
+    for conn in conns:
+        conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+
+
+def resume_loop(sctx: SSL.Context, cctx: SSL.Context, seconds: float) -> int:
+    client, server = connection(cctx, False), connection(sctx, True)
+    handshake(client, server)
+    session = client.get_session()
+    if session is None:
+        raise RuntimeError("the first handshake left no session")
+    closed(client, server)
+    count, end = 0, time.perf_counter() + seconds
+    while more(count, end):
+        for _ in range(10):
+            client, server = connection(cctx, False), connection(sctx, True)
+            client.set_session(session)
+            handshake(client, server)
+            if not (reused(client) and reused(server)):
+                raise RuntimeError("a measured handshake did not resume the session")
+            closed(client, server)
+            count += 1
+    return count
+
+
 def cookie(conn: SSL.Connection) -> bytes:
     return hmac.new(SECRET, b"127.0.0.1\x0040000" + b"\x5a" * 85, hashlib.sha256).digest()
 
@@ -130,6 +175,11 @@ def main(argv: list[str]) -> None:
         for worker in workers:
             worker.join()
         print(f"rate={sum(counts) / (time.perf_counter() - start):.1f}")
+    elif metric == "resume":
+        resumable(sctx, arg or "")
+        start = time.perf_counter()
+        count = resume_loop(sctx, cctx, seconds)
+        print(f"rate={count / (time.perf_counter() - start):.1f}")
     elif metric == "cookie-handshake":
         with_cookies(sctx)
         count, end = 0, start + seconds

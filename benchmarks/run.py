@@ -37,6 +37,8 @@ CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
 GROUPS = "X25519:P-256"
 SIZES = (100, 1163)  # 1163: the largest record payload at MTU 1200 with AES-128-GCM
 BATCH = 64
+#: how a resumed handshake finds its session: the server's session-ID cache, or a ticket
+RESUMPTION = {"cache": "session cache", "ticket": "session ticket"}
 
 
 # ----------------------------------------------------------------- helpers
@@ -79,13 +81,17 @@ def timed_rate(body: Callable[[], int], seconds: float) -> float:
 
 class Ours:
     def __init__(self, cert_pem: bytes, key_pem: bytes, record_layer: str = "engine") -> None:
+        self.cert_pem, self.key_pem = cert_pem, key_pem
+        # the profile of every column: tickets on, server session cache off
         self.sctx = DtlsContext(cert_pem, key_pem, ciphers=CIPHER, groups=GROUPS,
-                                record_layer=record_layer)  # type: ignore[arg-type]
+                                record_layer=record_layer, session_cache=False)  # type: ignore[arg-type]
         self.cctx = DtlsContext(cadata=cert_pem, ciphers=CIPHER, groups=GROUPS,
                                 record_layer=record_layer)  # type: ignore[arg-type]
 
-    def _handshake_pair(self) -> tuple[Dtls, Dtls]:
-        client, server = Dtls(context=self.cctx), Dtls(is_server=True, context=self.sctx)
+    def _handshake_pair(self, sctx: DtlsContext | None = None,
+                        session: bytes | None = None) -> tuple[Dtls, Dtls]:
+        client = Dtls(context=self.cctx, session=session)
+        server = Dtls(is_server=True, context=sctx or self.sctx)
         client.handshake()
         pull_c, pull_s, feed_c, feed_s = client.pull, server.pull, client.feed, server.feed
         for _ in range(50):
@@ -101,6 +107,29 @@ class Ours:
         def ten() -> int:
             for _ in range(10):
                 self._handshake_pair()  # both freed as the references drop
+            return 10
+        return timed_rate(ten, seconds)
+
+    def resumed_handshakes(self, seconds: float, how: str) -> float:
+        """Abbreviated handshakes offering the session of one full handshake.
+
+        ``how``: "cache" resumes from the server's session-ID cache (tickets
+        off), "ticket" from RFC 5077 tickets (server cache off). Raises unless
+        every measured handshake resumed, on both ends.
+        """
+        if how not in RESUMPTION:
+            raise ValueError(f"resumption is one of {sorted(RESUMPTION)}, not {how!r}")
+        sctx = DtlsContext(self.cert_pem, self.key_pem, ciphers=CIPHER, groups=GROUPS,
+                           session_cache=how == "cache", session_tickets=how == "ticket")
+        session = self._handshake_pair(sctx)[0].session()
+        if session is None:
+            raise RuntimeError("the first handshake left no session")
+
+        def ten() -> int:
+            for _ in range(10):
+                client, server = self._handshake_pair(sctx, session)
+                if not (client.session_reused() and server.session_reused()):
+                    raise RuntimeError(f"a measured handshake did not resume ({how})")
             return 10
         return timed_rate(ten, seconds)
 
@@ -234,6 +263,10 @@ class Ours:
 
 INSTRUCTION_METRICS = [  # (label, C mode and args, our method and args, pyOpenSSL metric, n1, n2)
     ("full handshake", "handshake", ["1"], "handshakes", [], "handshake", 20, 60),
+    ("resumed handshake, session cache", "resume", ["cache"], "resumed_handshakes", ["cache"],
+     "resume", 20, 60),
+    ("resumed handshake, session ticket", "resume", ["ticket"], "resumed_handshakes", ["ticket"],
+     "resume", 20, 60),
     ("handshake with cookie exchange", "cookie-handshake", [], "cookie_handshakes", [],
      "cookie-handshake", 20, 60),
     ("HelloVerifyRequest", "listen", [], "hello_verify_requests", [], "listen", 2000, 6000),
@@ -262,8 +295,9 @@ def instructions(cols: Columns, workdir: Path) -> None:
     cert, key = str(cols.cert), str(cols.key)
     print(f"{'instructions per operation':<32}  {'C':>12}  {'pydtls_ossl':>12}  {'ratio':>6}  "
           f"{'pyOpenSSL':>12}  {'ratio':>6}")
+    measured: dict[str, dict[str, float]] = {}
     for label, c_mode, c_args, ours, ours_args, py_metric, n1, n2 in INSTRUCTION_METRICS:
-        commands = {
+        commands: dict[str, Callable[[int], list[str]]] = {
             "c": lambda n: [str(cols.c_binary), c_mode, f"n{n}", cert, key, *c_args],
             "ours": lambda n: [sys.executable, __file__, "--count-child", ours, str(n), cert, key,
                                *ours_args],
@@ -272,15 +306,25 @@ def instructions(cols: Columns, workdir: Path) -> None:
             python = cols.pyopenssl[0]
             commands["py"] = lambda n: [python, str(HERE / "pyopenssl_column.py"), py_metric,
                                         f"n{n}", cert, key, *ours_args]
-        per_op = {}
+        per_op: dict[str, float] = {}
         for column, command in commands.items():
             totals = [callgrind_total(command(n), workdir) for n in (n1, n2)]
             per_op[column] = (totals[1] - totals[0]) / (n2 - n1)
             print(f"  [{label}: {column} done]", file=sys.stderr, flush=True)
+        measured[label] = per_op
         c, o, p = per_op["c"], per_op["ours"], per_op.get("py")
         print(f"{label:<32}  {c:>12,.0f}  {o:>12,.0f}  {c / o:>5.2f}x  "
               f"{fmt(p):>12}  {(f'{c / p:.2f}x' if p else 'n/a'):>6}")
+        if label == "resumed handshake, session ticket":
+            full = measured["full handshake"]
+            for how in RESUMPTION.values():
+                resumed = measured[f"resumed handshake, {how}"]
+                costs = [resumed[k] / full[k] if k in resumed and k in full else None
+                         for k in ("c", "ours", "py")]
+                print(f"{'  resumed / full, ' + how.split()[1]:<32}  {fmt(costs[0]):>12}  "
+                      f"{fmt(costs[1]):>12}  {'':>6}  {fmt(costs[2]):>12}")
     print("ratio = C instructions / column instructions (1.00x: as lean as the C loop)")
+    print("resumed / full = a resumed handshake's instructions / a full one's, in each column")
 
 
 def memory_in_child(count: int, release: bool, layer: str = "engine") -> tuple[float, float]:
@@ -323,7 +367,7 @@ class Columns:
             if done.returncode == 0 and done.stdout.startswith("version="):
                 found.append((python, done.stdout.strip().split("=", 1)[1]))
         same = [f for f in found if f[1] == openssl_version()]
-        return (same or found or [None])[0]
+        return (same or found)[0] if found else None
 
     def c(self, mode: str, seconds: float, arg: str = "") -> float:
         assert self.c_binary is not None
@@ -383,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         method, count, cert_path, key_path, *extra = args.count_child
         COUNT_LIMIT = int(count)
         ours = Ours(Path(cert_path).read_bytes(), Path(key_path).read_bytes())
-        getattr(ours, method)(1e9, *(int(e) for e in extra))
+        getattr(ours, method)(1e9, *(int(e) if e.isdigit() else e for e in extra))
         return 0
     if args.memory_child:
         cert = generate_certificate("bench.pydtls")
@@ -417,20 +461,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  profile: DTLS 1.2, {CIPHER}, P-256 certificate verified by the client, "
               f"groups {GROUPS}, MTU 1200")
         print()
-        rows: list[tuple[str, float | None, float | None, float | None, str, str]] = []
+        rows: list[tuple[str, float | None, float | None, float | None, str, str, bool]] = []
 
         started = time.perf_counter()
 
         def row(name: str, c: float | None, ours_v: float | None, py: float | None,
-                target: str = "", unit: str = "") -> None:
-            rows.append((name, c, ours_v, py, target, unit))
+                target: str = "", unit: str = "", ratios: bool = True) -> None:
+            """``ratios``: print each column / C (off for rows that are ratios themselves)."""
+            rows.append((name, c, ours_v, py, target, unit, ratios))
             print(f"  [{time.perf_counter() - started:6.1f} s] measured: {name.strip()}",
                   file=sys.stderr, flush=True)
 
-        c_hs, o_hs, p_hs = interleaved([lambda: cols.c("handshake", seconds, "1"),
-                                        lambda: ours.handshakes(seconds),
-                                        lambda: cols.py("handshake", seconds)], rounds)
+        # full and resumed handshakes in the same alternating rounds, so that
+        # resumed / full compares measurements taken side by side
+        c_hs, o_hs, p_hs, c_rc, o_rc, p_rc, c_rt, o_rt, p_rt = interleaved([
+            lambda: cols.c("handshake", seconds, "1"),
+            lambda: ours.handshakes(seconds),
+            lambda: cols.py("handshake", seconds),
+            lambda: cols.c("resume", seconds, "cache"),
+            lambda: ours.resumed_handshakes(seconds, "cache"),
+            lambda: cols.py("resume", seconds, "cache"),
+            lambda: cols.c("resume", seconds, "ticket"),
+            lambda: ours.resumed_handshakes(seconds, "ticket"),
+            lambda: cols.py("resume", seconds, "ticket")], rounds)
         row("1. full handshakes/s", c_hs, o_hs, p_hs, ">= 0.95x")
+        row("1. resumed handshakes/s, session cache", c_rc, o_rc, p_rc)
+        row("1. resumed handshakes/s, session ticket", c_rt, o_rt, p_rt)
+
+        def cost(full: float | None, resumed: float | None) -> float | None:
+            return full / resumed if full and resumed else None
+        row("   resumed / full, cost, session cache", cost(c_hs, c_rc), cost(o_hs, o_rc),
+            cost(p_hs, p_rc), "a resumed handshake costs X of a full one", ratios=False)
+        row("   resumed / full, cost, session ticket", cost(c_hs, c_rt), cost(o_hs, o_rt),
+            cost(p_hs, p_rt), "(each column: full rate / resumed rate)", ratios=False)
         c_ck, o_ck, p_ck = interleaved([lambda: cols.c("cookie-handshake", seconds),
                                         lambda: ours.cookie_handshakes(seconds),
                                         lambda: cols.py("cookie-handshake", seconds)], rounds)
@@ -485,9 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(r[0]) for r in rows)
     print(f"{'metric':<{width}}  {'C':>11}  {'pydtls_ossl':>11}  {'ratio':>6}  {'pyOpenSSL':>10}  "
           f"{'ratio':>6}  target")
-    for name, c, o, p, target, unit in rows:
-        ratio_o = ratio(o, c) if c is not None and "KB" not in unit else ""
-        ratio_p = ratio(p, c) if c is not None and "KB" not in unit else ""
+    for name, c, o, p, target, unit, ratios in rows:
+        ratio_o = ratio(o, c) if ratios and c is not None and "KB" not in unit else ""
+        ratio_p = ratio(p, c) if ratios and c is not None and "KB" not in unit else ""
         print(f"{name:<{width}}  {fmt(c, unit):>11}  {fmt(o, unit):>11}  {ratio_o:>6}  "
               f"{fmt(p, unit):>10}  {ratio_p:>6}  {target}")
     return 0
