@@ -109,3 +109,19 @@ def test_readme_resumption_snippets_run() -> None:
                                             session=first.session()))
     net_b.run(lambda: again.is_handshake_finished() and namespace["node_b"].handshaking == 0)  # type: ignore[attr-defined]
     assert again.session_reused()
+
+
+def test_readme_association_snippet_runs() -> None:
+    from pydtls_ossl import Dtls, DtlsContext
+
+    from .helpers import Pair
+    namespace: dict[str, object] = {}
+    exec(compile(block_with("association_keys=KEYS"), "README.md", "exec"), namespace)
+    ctx = namespace["ctx"]
+    pair = Pair(Dtls(context=DtlsContext(psk=("sensor-9", bytes(16)), ciphers="PSK-AES128-CCM8")),
+                Dtls(is_server=True, context=ctx))  # type: ignore[arg-type]
+    pair.handshake()
+    blob = pair.server.export_association(binding=b"sensor-9@198.51.100.7")
+    pair.server = Dtls.import_association(blob, context=ctx,  # type: ignore[arg-type]
+                                          binding=b"sensor-9@198.51.100.7")
+    assert pair.roundtrip(b"\x40\x01still here") == b"\x40\x01still here"
