@@ -29,21 +29,43 @@ _log = logging.getLogger("pydtls_ossl")
 
 
 class _Timer:
-    """One re-armable ``call_at`` for whatever sans-IO object owns it."""
+    """One ``call_at`` for whatever sans-IO object owns it, moved only when needed.
+
+    Re-arming for a later time keeps the handle that fires earlier: firing
+    early costs one ``handle_timeout()`` that finds nothing due and re-arms,
+    where a cancel and a new ``call_at`` per datagram cost every datagram.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[], None]) -> None:
         self._loop, self._fire = loop, fire
         self._handle: asyncio.TimerHandle | None = None
 
     def arm(self, seconds: float | None) -> None:
+        handle = self._handle
+        if seconds is None:
+            return  # nothing due: a pending handle fires once, harmlessly, or is cancelled
+        when = self._loop.time() + seconds
+        if handle is not None:
+            if handle.when() <= when:
+                return
+            handle.cancel()
+        self._handle = self._loop.call_at(when, self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        self._fire()
+
+    def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if seconds is not None:
-            self._handle = self._loop.call_at(self._loop.time() + seconds, self._fire)
 
-    def cancel(self) -> None:
-        self.arm(None)
+
+def _read_size(transport: asyncio.BaseTransport) -> None:
+    """Read datagrams into 64 KiB, not asyncio's 256 KiB: a buffer that large is an
+    mmap, mremap and munmap per datagram (2.3x the echoes once smaller)."""
+    if getattr(transport, "max_size", 0) > 65536:
+        transport.max_size = 65536  # type: ignore[attr-defined]
 
 
 class _FlowControl:
@@ -75,22 +97,30 @@ class AsyncDtlsConnection(Introspection):
         self._reads_engine = reads_engine
         self._flow = flow
         self._received: deque[bytes] = deque()
-        self._readable = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # only while recv() waits
         self._ended: BaseException | None = None
         self.dropped = 0
 
     # fed by the protocols
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _deliver(self, data: bytes, limit: int) -> None:
         if len(self._received) >= limit:
             self.dropped += 1
             return
         self._received.append(data)
-        self._readable.set()
+        if self._waiter is not None:
+            self._wake()
 
     def _end(self, error: BaseException) -> None:
         if self._ended is None:
             self._ended = error
-        self._readable.set()
+        self._wake()
 
     def _next(self) -> bytes | None:
         if self._received:
@@ -113,8 +143,8 @@ class AsyncDtlsConnection(Introspection):
                 if isinstance(self._ended, ConnectionClosed):
                     raise ConnectionClosed(str(self._ended))
                 raise self._ended
-            self._readable.clear()
-            await self._readable.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
     def send(self, data: bytes) -> int:
         """Send one record now; never blocks (see ``drain()``)."""
@@ -163,13 +193,14 @@ class _ClientProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _read_size(transport)
         self._step(self.engine.handshake)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         readable = self.engine.feed(data)
         self._step(None)
         if readable and self.connection is not None:
-            self.connection._readable.set()
+            self.connection._wake()
 
     def _step(self, action: Callable[[], Any] | None) -> None:
         engine = self.engine
@@ -185,7 +216,7 @@ class _ClientProtocol(asyncio.DatagramProtocol):
             if not self.handshake_done.done():
                 self.handshake_done.set_exception(exc)
         if self.connection is not None and engine.state.name in ("FAILED", "PEER_CLOSED"):
-            self.connection._readable.set()  # recv() raises the reason
+            self.connection._wake()  # recv() raises the reason
         self.send_datagrams()
         self.timer.arm(engine.get_timeout())
 
@@ -265,6 +296,7 @@ class _ServerProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.server._transport = transport  # type: ignore[assignment]
+        _read_size(transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.server._core.feed(data, addr)
