@@ -98,6 +98,7 @@ class AsyncDtlsConnection(Introspection):
         self._flow = flow
         self._received: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None  # only while recv() waits
+        self._loop = asyncio.get_running_loop()  # (asking each time is a getpid() syscall)
         self._ended: BaseException | None = None
         self.dropped = 0
 
@@ -143,7 +144,7 @@ class AsyncDtlsConnection(Introspection):
                 if isinstance(self._ended, ConnectionClosed):
                     raise ConnectionClosed(str(self._ended))
                 raise self._ended
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             await self._waiter
 
     def send(self, data: bytes) -> int:
