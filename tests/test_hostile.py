@@ -194,10 +194,13 @@ def test_records_from_a_stale_or_unknown_epoch_are_dropped(established: Pair) ->
         assert p.server.feed(record(APPLICATION_DATA, 0, seq, b"plaintext injected")) == 0
     for epoch in (0, 2, 3, 0xFFFF):  # the real ciphertext under another epoch
         assert p.server.feed(relabel(real, epoch)) == 0
+    forged = bytearray(real)  # the current epoch and the real sequence number, forged body
+    forged[-5] ^= 0x40
+    assert p.server.feed(bytes(forged)) == 0
     assert p.server.read() is None
     assert p.server.pull() is None, "nothing is answered"
     assert p.server.feed(real) == 1 and p.server.read() == b"the real one", \
-        "the relabelled copies did not mark its sequence number as seen"
+        "copies that failed did not mark its sequence number as seen"
     assert p.roundtrip(b"and later ones") == b"and later ones"
     assert_queue_empty()
 
@@ -246,6 +249,32 @@ def test_client_hello_flood_from_one_address_keeps_one_peer_at_most(certs: Any) 
     if not SANITIZED:
         assert heap_in_use() - heap_before < 512 * 1024
         assert rss_bytes() - rss_before < 2 * 2**20
+    assert_queue_empty()
+
+
+def test_client_hello_flood_at_an_established_peer_keeps_one_replacement(certs: Any) -> None:
+    """RFC 6347 §4.2.8: a ClientHello with a valid cookie at a live association may start
+    one replacement handshake; a flood of them never makes more, and the live association
+    keeps working until a replacement completes."""
+    client_ctx, server_ctx = psk_contexts()
+    server = DtlsServer(server_ctx)
+    core = Core(server)
+    address = ("127.0.0.1", 4445)
+    live = Dtls(context=client_ctx)
+    live.handshake()
+    core.exchange(live, address)
+    assert live.is_handshake_finished() and address in server
+    cookied = [core.cookie_round(Dtls(context=client_ctx), address) for _ in range(50)]
+    server.datagrams_to_send()
+    for i in range(5_000):
+        server.feed(cookied[i % 50], address)
+        assert len(server) == 1 and server.handshaking <= 1
+        if i % 100 == 99:
+            server.datagrams_to_send()
+    assert server.stats.handshakes_started == 2 and server.stats.restarts == 0
+    live.write(b"the live one")
+    core.exchange(live, address)
+    assert [e.data for e in core.events if isinstance(e, DataReceived)] == [b"the live one"]
     assert_queue_empty()
 
 
