@@ -471,12 +471,12 @@ def test_context_churn_keeps_memory_flat(certs: Any) -> None:
                       else DtlsContext(certs.server.cert_pem, certs.server.key_pem))
         quick_handshake(client, server)
 
-    for i in range(300 // SCALE):
+    for i in range(150 // SCALE):
         cycle(i)
     marks = Checkpoints()
     for _ in range(4):
-        for i in range(500 // SCALE):
+        for i in range(250 // SCALE):
             cycle(i)
         marks.mark()
-    print(marks.report("2,000 contexts made and dropped"), file=sys.stderr)
+    print(marks.report("1,000 context pairs made and dropped"), file=sys.stderr)
     assert_within(marks.heap_growth, 2 * 2**20, "malloc heap over context churn")
