@@ -272,6 +272,39 @@ def test_client_hello_flood_from_one_address_keeps_one_peer_at_most(certs: Any) 
     assert_queue_empty()
 
 
+def test_late_duplicate_of_the_cookie_hello_holds_no_handshake_slot(certs: Any) -> None:
+    """A network may deliver a copy of the client's ClientHello (with its cookie) after the
+    handshake it started has finished. Taken for a restart (RFC 6347 §4.2.8), the
+    replacement handshake it starts is a handshake like any other: the handshake deadline
+    reclaims it, and until then it is the only one for that address. (Seen first as a
+    lossy server-core run that never got back to zero handshakes in progress.)"""
+    client_ctx, server_ctx = psk_contexts()
+    clock = FakeClock()
+    server = DtlsServer(server_ctx, max_handshakes=1, handshake_timeout=5.0, clock=clock)
+    core = Core(server)
+    address, other = ("127.0.0.1", 4446), ("127.0.0.1", 4447)
+    client = Dtls(context=client_ctx)
+    hello = core.cookie_round(client, address)
+    server.feed(hello, address)
+    core.exchange(client, address)
+    assert client.is_handshake_finished() and server.handshaking == 0
+    server.feed(hello, address)  # the late copy
+    server.datagrams_to_send()
+    for _ in range(20):  # well past the deadline, with the server's timer run throughout
+        clock.now += 1.0
+        server.handle_timeout()
+        server.datagrams_to_send()
+    assert server.handshaking == 0, "a handshake outlived the handshake deadline"
+    newcomer = Dtls(context=client_ctx)
+    newcomer.handshake()
+    core.exchange(newcomer, other)
+    assert newcomer.is_handshake_finished(), "a handshake slot is still taken"
+    client.write(b"the original association")
+    core.exchange(client, address)
+    assert [e.data for e in core.events if isinstance(e, DataReceived)] == [b"the original association"]
+    assert_queue_empty()
+
+
 def test_client_hello_flood_at_an_established_peer_keeps_one_replacement(certs: Any) -> None:
     """RFC 6347 §4.2.8: a ClientHello with a valid cookie at a live association may start
     one replacement handshake; a flood of them never makes more, and the live association
@@ -667,8 +700,13 @@ def test_server_core_under_30_percent_loss(certs: Any) -> None:
         client.handshake()
     events: list[Any] = []
     deadline = time.monotonic() + 30
-    while not (all(c.is_handshake_finished() for c in clients.values()) and server.handshaking == 0):
-        assert time.monotonic() < deadline, "handshakes did not finish under loss"
+    # (not `server.handshaking == 0`: a late duplicate hello may leave a replacement
+    # handshake behind, see test_late_duplicate_of_the_cookie_hello_holds_no_handshake_slot)
+    while not (all(c.is_handshake_finished() for c in clients.values())
+               and server.stats.handshakes_completed >= 12):
+        assert time.monotonic() < deadline, (
+            f"handshakes did not finish under loss: clients {[c.state.name for c in clients.values()]}, "
+            f"{len(server)} peers, {server.handshaking} handshaking, {server.stats}")
         moved = 0
         for address, client in clients.items():
             for datagram in up.carry(drain(client)):
