@@ -368,14 +368,31 @@ def _source() -> str:
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 
 
+def _sanitizers() -> list[str]:
+    """Compiler and linker flags for ``PYDTLS_SANITIZE``: unset, empty or ``0`` for none;
+    ``1`` for ``address,undefined``; or a list of GCC/Clang sanitizers as ``-fsanitize=``
+    takes it. CPython is not built with them: preload the runtime to import the module
+    (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``)."""
+    value = os.environ.get("PYDTLS_SANITIZE", "").strip().lower()
+    if value in ("", "0", "no", "off", "false"):
+        return []
+    if value in ("1", "yes", "on", "true"):
+        value = "address,undefined"
+    if not all(name and name.replace("-", "").isalnum() for name in value.split(",")):
+        raise ValueError(f"PYDTLS_SANITIZE={value!r}: expected 1 or names such as address,undefined")
+    return [f"-fsanitize={value}", "-fno-omit-frame-pointer", "-g"]
+
+
+SANITIZE = _sanitizers()
 ffi = FFI()
 ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS + ASSOCIATION)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),
     libraries=["ssl", "crypto"],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"]
-    + (["-Werror"] if os.environ.get("PYDTLS_WERROR") else []),
+    extra_compile_args=["-O1" if SANITIZE else "-O2", "-Wall", "-Wno-unused-function"]
+    + (["-Werror"] if os.environ.get("PYDTLS_WERROR") else []) + SANITIZE,
+    extra_link_args=SANITIZE,
 )
 
 if __name__ == "__main__":
