@@ -35,6 +35,9 @@
 #define PD_MAX_PLAINTEXT 16384
 #define PD_MAX_PINS 8
 #define PD_MAX_EARLY 32
+#define PD_MAX_EARLY_BYTES 16384
+#define PD_MAX_EPOCH1_PER_CCS 4
+#define PD_MAX_RECORD (PD_MAX_PLAINTEXT + 2048)
 
 typedef struct pd_node {
     struct pd_node *next;
@@ -103,6 +106,13 @@ typedef struct pd_conn {
     unsigned int protected_seen;     /* peer records at epoch >= 1 before the handshake ended */
     int keep_session;                /* a client keeps its session's bytes past the handover */
     int keep_peer_cert;              /* an idle association keeps the peer's DER, not only its digest */
+    /* what unauthenticated input may cost before the handshake ends */
+    size_t max_hs_msg;               /* the largest handshake message accepted */
+    unsigned int epoch1_since_ccs;   /* epoch-1 records given to libssl since the peer's last CCS */
+    size_t early_bytes;              /* bytes of retained early records */
+    /* libssl's record layer after the handshake: the shortest protected record */
+    size_t min_protected;
+    size_t out_mark;                 /* where output written after OpenSSL last read begins */
 } pd_conn;
 
 /* Where pd_rl_feed puts application data: the plaintext queue (no sink),
@@ -124,7 +134,8 @@ static void pd_rl_idle(struct pd_rl *rl);
 static void pd_rl_drop_peer_der(struct pd_rl *rl);
 static void pd_rl_alert(pd_conn *c, int level, int description);
 static void pd_note_sent(pd_conn *c, const unsigned char *r);
-static void pd_retain_early(pd_conn *c, const unsigned char *d, size_t n);
+static int pd_retain_early(pd_conn *c, const unsigned char *d, size_t n);
+static size_t pd_min_protected(const SSL_CIPHER *cipher);
 static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len);
 
 static BIO_METHOD *pd_bio_method = NULL;
@@ -217,6 +228,12 @@ static int pd_bio_read(BIO *b, char *out, int outl)
     BIO_clear_retry_flags(b);
     if (c == NULL || outl <= 0)
         return 0;
+    /* What OpenSSL writes after reading input answers it: a later flight than
+     * what it wrote before (a retransmission, say). pd_pull keeps them in
+     * separate datagrams, since a peer may drop the rest of a datagram that
+     * begins with a stale message. */
+    if (c->in_ptr != NULL || c->in_head != NULL)
+        c->out_mark = c->out_len;
     if (c->in_ptr != NULL) {
         src = c->in_ptr;
         n = c->in_len;
@@ -544,6 +561,7 @@ pd_conn *pd_conn_new(SSL_CTX *ctx, int is_server, unsigned int mtu,
     c->ssl = SSL_new(ctx);
     if (c->ssl == NULL)
         goto fail;
+    c->max_hs_msg = (size_t)SSL_get_max_cert_list(c->ssl);
     bio = BIO_new(pd_bio_method);
     if (bio == NULL)
         goto fail;
@@ -726,6 +744,7 @@ static int pd_handshake_step(pd_conn *c)
         c->peer_len = 0;
         c->cookies = NULL;
         c->max_plaintext = DTLS_get_data_mtu(c->ssl);
+        c->min_protected = pd_min_protected(SSL_get_current_cipher(c->ssl));
         if (c->max_plaintext > PD_MAX_PLAINTEXT)
             c->max_plaintext = PD_MAX_PLAINTEXT;
         pd_read_records(c); /* what came with, or before, the peer's Finished */
@@ -764,7 +783,7 @@ int pd_handshake(pd_conn *c)
  * malformed plaintext records with a fatal alert. RFC 6347 §4.1.2.7 asks for
  * invalid records to be dropped, so a datagram whose records are not well
  * formed is discarded before OpenSSL sees it. */
-static int pd_plausible(const unsigned char *d, size_t n)
+static int pd_plausible(const pd_conn *c, const unsigned char *d, size_t n)
 {
     size_t off = 0;
     if (n < PD_RECORD_HEADER)
@@ -777,15 +796,21 @@ static int pd_plausible(const unsigned char *d, size_t n)
         if (r[0] < 20 || r[0] > 23 || r[1] != 0xFE || (r[2] != 0xFD && r[2] != 0xFF))
             return 0;
         len = ((size_t)r[11] << 8) | r[12];
-        if (len > n - off - PD_RECORD_HEADER)
+        if (len > n - off - PD_RECORD_HEADER || len > PD_MAX_RECORD)
             return 0;
         epoch = ((size_t)r[3] << 8) | r[4];
+        if (epoch > 1)
+            return 0; /* no epoch but the first two exists before the handshake ends */
         pos = off + PD_RECORD_HEADER;
         end = pos + len;
         if (epoch == 0) {
             if (r[0] == 20 && (len != 1 || d[pos] != 1))
                 return 0;
             if (r[0] == 21 && (len != 2 || (d[pos] != 1 && d[pos] != 2)))
+                return 0;
+            /* libssl ends a handshake at any warning but close_notify; RFC 5246 §7.2
+             * lets it go on, and an unauthenticated one is better dropped */
+            if (r[0] == 21 && d[pos] == 1 && d[pos + 1] != 0)
                 return 0;
             if (r[0] == 23)
                 return 0;
@@ -796,7 +821,8 @@ static int pd_plausible(const unsigned char *d, size_t n)
                 msg_len = ((size_t)d[pos + 1] << 16) | ((size_t)d[pos + 2] << 8) | d[pos + 3];
                 frag_off = ((size_t)d[pos + 6] << 16) | ((size_t)d[pos + 7] << 8) | d[pos + 8];
                 frag_len = ((size_t)d[pos + 9] << 16) | ((size_t)d[pos + 10] << 8) | d[pos + 11];
-                if (frag_len > end - pos - 12 || frag_off + frag_len > msg_len)
+                if (frag_len > end - pos - 12 || frag_off + frag_len > msg_len
+                        || msg_len > c->max_hs_msg)
                     return 0;
                 pos += 12 + frag_len;
             }
@@ -804,6 +830,61 @@ static int pd_plausible(const unsigned char *d, size_t n)
         off = end;
     }
     return 1;
+}
+
+/* Before the handshake ends, libssl keeps up to 100 records of the next epoch,
+ * each with its own ~17 KB buffer: give it at most a few between two of the
+ * peer's ChangeCipherSpecs (a real flight has one or two). 1: feed it. */
+static int pd_epoch1_budget(pd_conn *c, const unsigned char *d, size_t n)
+{
+    size_t off = 0;
+    unsigned int count = c->epoch1_since_ccs;
+    while (n - off >= PD_RECORD_HEADER) {
+        const unsigned char *r = d + off;
+        if (r[3] == 0 && r[4] == 0 && r[0] == 20)
+            count = 0;
+        else if (r[3] != 0 || r[4] != 0)
+            count++;
+        if (count > PD_MAX_EPOCH1_PER_CCS)
+            return 0;
+        off += PD_RECORD_HEADER + (((size_t)r[11] << 8) | r[12]); /* pd_plausible framed them */
+    }
+    c->epoch1_since_ccs = count;
+    return 1;
+}
+
+/* After the handshake on libssl's record layer: drop a datagram that does not
+ * frame as records, or holds a protected record too short for its cipher
+ * (libssl 3.0 answers one with a fatal internal_error instead of dropping it). */
+static int pd_plausible_protected(const pd_conn *c, const unsigned char *d, size_t n)
+{
+    size_t off = 0;
+    while (off < n) {
+        const unsigned char *r = d + off;
+        size_t len;
+        if (n - off < PD_RECORD_HEADER || r[0] < 20 || r[0] > 23 || r[1] != 0xFE
+                || (r[2] != 0xFD && r[2] != 0xFF))
+            return 0;
+        len = ((size_t)r[11] << 8) | r[12];
+        if (len > n - off - PD_RECORD_HEADER || ((r[3] != 0 || r[4] != 0) && len < c->min_protected))
+            return 0;
+        off += PD_RECORD_HEADER + len;
+    }
+    return 1;
+}
+
+/* The shortest record libssl's layer can open with cipher (nonce and tag, or
+ * CBC's IV and one block). */
+static size_t pd_min_protected(const SSL_CIPHER *cipher)
+{
+    const char *name = cipher != NULL ? SSL_CIPHER_standard_name(cipher) : NULL;
+    if (cipher == NULL)
+        return 1;
+    if (!SSL_CIPHER_is_aead(cipher))
+        return 32;
+    if (SSL_CIPHER_get_cipher_nid(cipher) == NID_chacha20_poly1305)
+        return 16;
+    return name != NULL && strstr(name, "CCM_8") != NULL ? 16 : 24;
 }
 
 /* Start the handshake of a server engine from a ClientHello whose cookie was
@@ -858,7 +939,10 @@ void pd_set_cookie_peer(pd_conn *c, const pd_cookie_keys *keys, const unsigned c
 static int pd_feed_cookie(pd_conn *c, const unsigned char *data, size_t len)
 {
     unsigned char hvr[PD_HVR_LEN];
-    int r = pd_cookie_hello(c->cookies, c->peer, c->peer_len, c->peer_port, data, len, hvr);
+    int r;
+    if (!pd_plausible(c, data, len))
+        return 0; /* OpenSSL would fail the engine on a malformed hello */
+    r = pd_cookie_hello(c->cookies, c->peer, c->peer_len, c->peer_port, data, len, hvr);
     if (r > 0)
         return pd_out_append(c, hvr, (size_t)r) ? 0 : PD_ERR_NOMEM;
     if (r == PD_HELLO_DROP)
@@ -890,7 +974,10 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
     }
     if (c->state == PD_STATE_NEW && c->cookies != NULL)
         return pd_feed_cookie(c, data, len);
-    if (c->state != PD_STATE_ESTABLISHED && !pd_plausible(data, len))
+    if (c->state != PD_STATE_ESTABLISHED
+            && (!pd_plausible(c, data, len) || !pd_epoch1_budget(c, data, len)))
+        return 0;
+    if (c->state == PD_STATE_ESTABLISHED && !pd_plausible_protected(c, data, len))
         return 0;
     if (!pd_restore_buffers(c))
         return 0;
@@ -903,8 +990,8 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
             c->protected_seen += r[3] != 0 || r[4] != 0;
             off += PD_RECORD_HEADER + (((size_t)r[11] << 8) | r[12]);
         }
-        if (c->compact)
-            pd_retain_early(c, data, len);
+        if (c->compact && !pd_retain_early(c, data, len))
+            return 0; /* more early records than a real peer sends: dropped */
         ERR_clear_error(); /* the handshake path reads the queue: start clean */
         pd_handshake_step(c);
         count = (int)(c->plain_count - queued);
@@ -947,10 +1034,13 @@ long pd_pull(pd_conn *c)
             if (take == 0) {
                 c->out_off += rec;
                 c->out_len -= rec;
+                c->out_mark = c->out_mark > rec ? c->out_mark - rec : 0;
                 return PD_ERR_OVERSIZE;
             }
             break;
         }
+        if (take != 0 && take == c->out_mark)
+            break; /* the start of a later flight */
         take += rec;
     }
     if (take == 0)
@@ -958,6 +1048,7 @@ long pd_pull(pd_conn *c)
     c->data = (const char *)p;
     c->out_off += take;
     c->out_len -= take;
+    c->out_mark = c->out_mark > take ? c->out_mark - take : 0;
     if (c->out_len == 0)
         c->out_off = 0;
     return (long)take;

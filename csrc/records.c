@@ -520,27 +520,46 @@ static void pd_note_sent(pd_conn *c, const unsigned char *r)
 }
 
 /* Keep a copy of each protected record received before the handover; at the
- * handover, those that authenticate seed the anti-replay window. */
-static void pd_retain_early(pd_conn *c, const unsigned char *d, size_t n)
+ * handover, those that authenticate seed the anti-replay window. 0: more than
+ * a real peer sends before it (the caller drops the datagram, so OpenSSL never
+ * sees a record that was not kept). */
+static int pd_retain_early(pd_conn *c, const unsigned char *d, size_t n)
 {
-    size_t off = 0;
-    while (c->compact && n - off >= PD_RECORD_HEADER) {
+    size_t off = 0, count = 0, bytes = 0;
+    pd_node *head = NULL, *node;
+    while (n - off >= PD_RECORD_HEADER) { /* pd_plausible framed them */
         const unsigned char *r = d + off;
         size_t len = PD_RECORD_HEADER + (((size_t)r[11] << 8) | r[12]);
-        pd_node *node;
-        if (len > n - off)
-            return;
         off += len;
         if (r[3] == 0 && r[4] == 0)
             continue;
-        if (c->early_count >= PD_MAX_EARLY || (node = pd_node_new(r, len)) == NULL) {
-            c->compact = 0; /* too much to account for: OpenSSL keeps the records */
-            return;
+        count++;
+        bytes += len;
+    }
+    if (c->early_count + count > PD_MAX_EARLY || c->early_bytes + bytes > PD_MAX_EARLY_BYTES)
+        return 0;
+    for (off = 0; n - off >= PD_RECORD_HEADER; ) {
+        const unsigned char *r = d + off;
+        size_t len = PD_RECORD_HEADER + (((size_t)r[11] << 8) | r[12]);
+        off += len;
+        if (r[3] == 0 && r[4] == 0)
+            continue;
+        if ((node = pd_node_new(r, len)) == NULL) {
+            pd_nodes_free(head);
+            return 0;
         }
+        node->next = head;
+        head = node;
+    }
+    while (head != NULL) {
+        node = head;
+        head = head->next;
         node->next = c->early;
         c->early = node;
-        c->early_count++;
     }
+    c->early_count += (int)count;
+    c->early_bytes += bytes;
+    return 1;
 }
 
 /* The engine's AEAD for a suite, with its framing; NULL for suites it leaves to libssl. */

@@ -215,6 +215,9 @@ class DtlsContext:
     continue it; an import jumps the write sequence number by
     ``sequence_gap`` plus a random amount, so no nonce is ever reused.
 
+    ``max_handshake_message_size`` (16 KiB) bounds what a peer can make a
+    handshaking association reassemble; raise it for long certificate chains.
+
     ``record_layer="engine"`` (the default): once a handshake with an AEAD
     suite (AES-GCM, ChaCha20-Poly1305) finishes, the engine protects records
     itself with OpenSSL's AEAD and frees the SSL object, as kernel TLS does:
@@ -264,6 +267,7 @@ class DtlsContext:
         keep_peer_certificate: bool = False,
         association_keys: Sequence[bytes] | None = None,
         sequence_gap: int = 2**20,
+        max_handshake_message_size: int = 16384,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
@@ -330,6 +334,9 @@ class DtlsContext:
                     raise ValueError("security_level is 0 to 5")
                 lib.SSL_CTX_set_security_level(ctx, security_level)
             self._configure(ciphers, groups)
+            if not 1024 <= max_handshake_message_size <= 1 << 20:
+                raise ValueError("max_handshake_message_size is 1 KiB to 1 MiB")
+            lib.SSL_CTX_set_max_cert_list(ctx, max_handshake_message_size)
             if named_suites and security_level is None:
                 self._level_for_named_suites(ciphers)
             self._psk_handle = install_callbacks(self)
@@ -354,8 +361,12 @@ class DtlsContext:
         ctx = self._ctx
         check(lib.SSL_CTX_set_min_proto_version(ctx, lib.DTLS1_2_VERSION),
               InternalError, "cannot require DTLS 1.2")
+        # No encrypt-then-MAC: with it, libssl's DTLS answers one forged CBC record with a
+        # fatal bad_record_mac instead of dropping it (RFC 6347 §4.1.2.7). AEAD suites
+        # (every default) are unaffected.
         lib.SSL_CTX_set_options(ctx, lib.SSL_OP_NO_RENEGOTIATION | lib.SSL_OP_NO_COMPRESSION
-                                | lib.SSL_OP_CIPHER_SERVER_PREFERENCE | lib.SSL_OP_NO_QUERY_MTU)
+                                | lib.SSL_OP_CIPHER_SERVER_PREFERENCE | lib.SSL_OP_NO_QUERY_MTU
+                                | lib.SSL_OP_NO_ENCRYPT_THEN_MAC)
         check(lib.SSL_CTX_set_cipher_list(ctx, ciphers.encode()), ConfigurationError,
               f"no usable cipher in {ciphers!r} at OpenSSL security level "
               f"{lib.SSL_CTX_get_security_level(ctx)} (a suite the level refuses needs "

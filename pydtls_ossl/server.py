@@ -49,6 +49,17 @@ _ESTABLISHED = lib.PD_STATE_ESTABLISHED
 _FAILED = lib.PD_STATE_FAILED
 
 
+def _has_protected_record(datagram: bytes) -> bool:
+    """Whether any record of the datagram is past epoch 0 (only those can be a stored
+    association's; a stale retransmitted flight may come first)."""
+    off, n = 0, len(datagram)
+    while n - off >= 13:
+        if datagram[off + 3] or datagram[off + 4]:
+            return True
+        off += 13 + int.from_bytes(datagram[off + 11:off + 13], "big")
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionEstablished:
     """A handshake finished. ``peer_fingerprint`` is None when the peer sent no
@@ -115,7 +126,7 @@ class ServerStats:
 
 class _Peer:
     __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
-                 "generation", "dirty", "replacement")
+                 "generation", "dirty", "replacement", "replacement_deadline")
 
     def __init__(self, address: Address, engine: Dtls, deadline: float) -> None:
         self.address = address
@@ -127,6 +138,7 @@ class _Peer:
         self.generation = 0
         self.dirty = False
         self.replacement: Dtls | None = None
+        self.replacement_deadline = 0.0
 
 
 class DtlsServer:
@@ -217,9 +229,8 @@ class DtlsServer:
         """Process one datagram received from ``address``. Never raises for its content."""
         peer = self._peers.get(address)
         if peer is None:
-            if (self.association_store is not None and len(datagram) > 13
-                    and (datagram[3] or datagram[4])):  # protected: maybe a stored peer's
-                peer = self._restore(address)
+            if self.association_store is not None and _has_protected_record(datagram):
+                peer = self._restore(address)  # maybe a stored peer's
             if peer is None:
                 if self._cookie_check(datagram, address):
                     self._admit_stranger(datagram, address)
@@ -347,16 +358,16 @@ class DtlsServer:
         peer.replacement = self._new_engine(datagram, peer.address)
         if peer.replacement is not None:
             self._handshaking += 1
+            peer.replacement_deadline = self._clock() + self.handshake_timeout
             self._queue_replacement_output(peer)
+            self._arm(peer)
 
     def _feed_replacement(self, peer: _Peer, datagram: bytes) -> None:
         replacement = peer.replacement
         assert replacement is not None
         replacement.feed(datagram)
         if replacement.state is ConnectionState.FAILED:
-            peer.replacement = None
-            self._handshaking -= 1
-            self._stats.handshakes_failed += 1
+            self._drop_replacement(peer)
             return
         self._queue_replacement_output(peer)
         if replacement.is_handshake_finished():
@@ -370,6 +381,26 @@ class DtlsServer:
             self._stats.handshakes_completed += 1
             self._events.append(ConnectionEstablished(peer.address, replacement.get_peer_fingerprint(),
                                                       replacement.psk_identity()))
+
+    def _drop_replacement(self, peer: _Peer) -> None:
+        assert peer.replacement is not None
+        peer.replacement.close()
+        peer.replacement = None
+        self._handshaking -= 1
+        self._stats.handshakes_failed += 1
+
+    def _replacement_timers(self, peer: _Peer, now: float) -> None:
+        """Retransmit a restarted peer's handshake, or give it up at its deadline."""
+        assert peer.replacement is not None
+        if now >= peer.replacement_deadline:
+            self._drop_replacement(peer)
+            return
+        try:
+            peer.replacement.handle_timeout()
+        except DtlsError:
+            self._drop_replacement(peer)
+            return
+        self._queue_replacement_output(peer)
 
     def _queue_replacement_output(self, peer: _Peer) -> None:
         assert peer.replacement is not None
@@ -461,6 +492,10 @@ class DtlsServer:
             quiet_for = min(self.idle_timeout, self.evict_after) if peer.conn.buffers_released \
                 else min(self.release_after, self.idle_timeout, self.evict_after)
             when = peer.last_seen + quiet_for
+            if peer.replacement is not None:  # a restarted peer's handshake, with its own timers
+                timer = peer.replacement.get_timeout()
+                when = min(when, peer.replacement_deadline,
+                           when if timer is None else now + timer)
         else:
             timer = peer.engine.get_timeout()
             when = peer.deadline if timer is None else min(peer.deadline, now + timer)
@@ -500,6 +535,8 @@ class DtlsServer:
             heapq.heappop(self._timers)
             peer = self._peers[top[3]]
             if peer.established:
+                if peer.replacement is not None:
+                    self._replacement_timers(peer, now)
                 quiet = now - peer.last_seen
                 if quiet >= self.idle_timeout:
                     self._terminate(peer, "idle timeout")

@@ -94,7 +94,7 @@ def test_evicted_peers_leave_nothing_and_come_back(certs: Any) -> None:
     events = list(server.events())
     restored = [e for e in events if isinstance(e, ConnectionRestored)]
     data = [e for e in events if isinstance(e, DataReceived)]
-    assert len(restored) == 50 and len(data) == 50 and len(server) == 50
+    assert len(restored) == 50 and len(data) == 50 and len(server) == 50, server.stats
     assert data[0].data.startswith(b"hello again")
     assert server.stats.handshakes_started == 2000 and server.stats.restored == 50
     for event in data:  # and they answer
