@@ -11,9 +11,11 @@ pydtls_ossl/fuzz/known.py and tests/test_fuzz_regressions.py).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -27,10 +29,10 @@ from pydtls_ossl._ffi import lib
 TARGETS = ("feed_client", "feed_server", "record_layer", "server", "demux", "sdp")
 CORPUS = Path(__file__).parent / "corpus"
 #: in-process mutants per target: about a second each on a 2-core machine
-MUTANTS = {"feed_client": 4000, "feed_server": 4000, "record_layer": 4000, "server": 3000,
+MUTANTS = {"feed_client": 2500, "feed_server": 2500, "record_layer": 2500, "server": 2000,
            "demux": 30000, "sdp": 15000}
 #: atheris executions per target (seeds included)
-ATHERIS_RUNS = {"feed_client": 6000, "feed_server": 6000, "record_layer": 5000, "server": 5000,
+ATHERIS_RUNS = {"feed_client": 4000, "feed_server": 4000, "record_layer": 4000, "server": 3000,
                 "demux": 30000, "sdp": 15000}
 
 
@@ -66,9 +68,12 @@ def test_every_seed_passes_through_its_target(name: str) -> None:
 @pytest.mark.parametrize("name", TARGETS)
 def test_seeds_are_recorded_the_same_way(name: str) -> None:
     """--make-corpus records the same kinds of seeds as the ones checked in."""
+    def kinds(names: Iterable[str]) -> set[str]:  # a retransmission may add a datagram
+        return {re.sub(r"\d+", "#", n) for n in names}
+
     recorded = fuzz.get(name).seeds()
     stored = {p.name.rsplit("-", 1)[0] for p in (CORPUS / name).iterdir()}
-    assert set(recorded) == stored
+    assert kinds(recorded) == kinds(stored)
 
 
 @pytest.mark.parametrize("name", TARGETS)
@@ -172,7 +177,7 @@ def test_known_bugs_are_described_and_strict_mode_reports_them(monkeypatch: pyte
     for name, predicate in known.KNOWN.items():
         assert predicate.__doc__ and name in predicate.__doc__
     short = bytes.fromhex("15fefd000100000000010000020000")
-    assert known.explain([short], libssl_records=True) == "openssl-short-aead-record"
-    assert known.explain([short], libssl_records=False) is None
+    assert known.explain([short], known.LIBSSL_AEAD) == "openssl-short-aead-record"
+    assert known.explain([short], known.ENGINE) is None
     monkeypatch.setenv("PYDTLS_FUZZ_STRICT", "1")
-    assert known.explain([short], libssl_records=True) is None
+    assert known.explain([short], known.LIBSSL_AEAD) is None

@@ -24,13 +24,13 @@ from .helpers import Pair, drain
 SHORT_PROTECTED = bytes.fromhex("15fefd000199ad000000000002001a")
 
 
-def make(certs: Any, layer: str = "engine", rto: float = 1.0) -> Pair:
+def make(certs: Any, layer: str = "engine", rto: float = 1.0, ciphers: str | None = None) -> Pair:
     server = Dtls(is_server=True, context=DtlsContext(
         certs.server.cert_pem, certs.server.key_pem, record_layer=layer,  # type: ignore[arg-type]
-        initial_rto=rto), expected_peer_fingerprint=certs.client.fingerprint())
+        initial_rto=rto, ciphers=ciphers), expected_peer_fingerprint=certs.client.fingerprint())
     client = Dtls(context=DtlsContext(
         certs.client.cert_pem, certs.client.key_pem, record_layer=layer,  # type: ignore[arg-type]
-        initial_rto=rto), expected_peer_fingerprint=certs.server.fingerprint())
+        initial_rto=rto, ciphers=ciphers), expected_peer_fingerprint=certs.server.fingerprint())
     return Pair(client, server)
 
 
@@ -168,3 +168,38 @@ def test_fuzz_replays_of_the_minimized_inputs_fail_in_strict_mode(
     monkeypatch.setenv("PYDTLS_FUZZ_STRICT", "1")
     # feed_client state 3 (established) / 4 (established-openssl): the record above
     replay("feed_client", [bytes([4]) + SHORT_PROTECTED])
+
+
+def test_short_record_after_a_garbage_header_kills_a_libssl_association() -> None:
+    """feed_client, state established-openssl, as found (28 bytes): libssl
+    skips the bad 13-byte header and reads a short record at epoch 1 (content
+    type 0x4a) behind it; same internal_error as above."""
+    from pydtls_ossl.fuzz._world import record_handshake
+
+    pair = record_handshake("openssl")
+    pair.client.feed(bytes.fromhex("dd00ffffffffffffff32ffff324afefd0001004a00fffd3800020000"))
+    assert pair.client.state is ConnectionState.ESTABLISHED
+
+
+# ------------------------------------------------- known: openssl-dtls-etm-fatal
+
+#: feed_client / feed_server, state established-cbc, minimized: one application
+#: data record at epoch 1 of any length (here 32 zero bytes) that does not
+#: authenticate
+GARBAGE_PROTECTED = bytes.fromhex("17fefd0001000000000100" "0020") + bytes(32)
+
+
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_garbage_protected_record_does_not_kill_a_cbc_association(certs: Any, victim: str) -> None:
+    """With a CBC suite OpenSSL negotiates encrypt-then-MAC, and its DTLS
+    record layer then answers a record with a wrong MAC with a fatal
+    bad_record_mac (a shorter one: decode_error) instead of dropping it."""
+    p = make(certs, ciphers="ECDHE-ECDSA-AES128-SHA256")
+    p.handshake()
+    assert p.client.record_layer == "openssl"
+    engine = p.client if victim == "client" else p.server
+    assert engine.feed(GARBAGE_PROTECTED) == 0
+    assert engine.feed(GARBAGE_PROTECTED[:11] + b"\x00\x02\x00\x00") == 0
+    assert lib.ERR_peek_error() == 0
+    assert engine.state is ConnectionState.ESTABLISHED, "one unauthenticated datagram ended it"
+    assert p.roundtrip(b"still up") == b"still up"

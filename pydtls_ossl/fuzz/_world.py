@@ -52,16 +52,17 @@ def drain(engine: Dtls) -> list[bytes]:
 class World:
     """Two certificates and the contexts for one record layer."""
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: Layer, ciphers: str | None = None) -> None:
         self.layer = layer
         self.server_cert: Certificate = generate_certificate("fuzz-server.test")
         self.client_cert: Certificate = generate_certificate("fuzz-client.test")
         cookies = CookieSecret(_COOKIE_SECRET, period=3600.0, clock=lambda: 0.0)
         self.server_ctx = DtlsContext(self.server_cert.cert_pem, self.server_cert.key_pem,
                                       initial_rto=RTO, max_rto=RTO, cookie_secret=cookies,
-                                      record_layer=layer)
+                                      record_layer=layer, ciphers=ciphers)
         self.client_ctx = DtlsContext(self.client_cert.cert_pem, self.client_cert.key_pem,
-                                      initial_rto=RTO, max_rto=RTO, record_layer=layer)
+                                      initial_rto=RTO, max_rto=RTO, record_layer=layer,
+                                      ciphers=ciphers)
         self.server_pin = self.server_cert.fingerprint()
         self.client_pin = self.client_cert.fingerprint()
 
@@ -74,13 +75,20 @@ class World:
                     expected_peer_fingerprint=self.server_pin)
 
 
-_worlds: dict[str, World] = {}
+_worlds: dict[tuple[str, str | None], World] = {}
+
+#: suites beyond the default AES-128-GCM: the engine's other AEADs, and a
+#: CBC suite (libssl keeps those records)
+CHACHA = "ECDHE-ECDSA-CHACHA20-POLY1305"
+AES256 = "ECDHE-ECDSA-AES256-GCM-SHA384"
+CBC = "ECDHE-ECDSA-AES128-SHA256"
 
 
-def world(layer: Layer = "engine") -> World:
-    if layer not in _worlds:
-        _worlds[layer] = World(layer)
-    return _worlds[layer]
+def world(layer: Layer = "engine", ciphers: str | None = None) -> World:
+    key = (layer, ciphers)
+    if key not in _worlds:
+        _worlds[key] = World(layer, ciphers)
+    return _worlds[key]
 
 
 @dataclass
@@ -212,8 +220,9 @@ class Pair:
         return sent
 
 
-def new_pair(layer: Layer = "engine", cookie_address: object = None) -> Pair:
-    w = world(layer)
+def new_pair(layer: Layer = "engine", cookie_address: object = None,
+             ciphers: str | None = None) -> Pair:
+    w = world(layer, ciphers)
     return Pair(w.client(), w.server(cookie_address))
 
 
@@ -261,9 +270,10 @@ def handshake_until(pair: Pair, done: Callable[[Pair], bool], deadline: float = 
     return pair
 
 
-def record_handshake(layer: Layer = "engine", cookie: bool = False) -> Pair:
+def record_handshake(layer: Layer = "engine", cookie: bool = False,
+                     ciphers: str | None = None) -> Pair:
     """A whole handshake, every datagram logged, ending established."""
-    pair = new_pair(layer, COOKIE_ADDRESS if cookie else None)
+    pair = new_pair(layer, COOKIE_ADDRESS if cookie else None, ciphers)
     return handshake_until(pair, lambda p: p.established() and not p.to_client
                            and not p.to_server)
 

@@ -29,8 +29,8 @@ from typing import Callable, Literal
 from .. import ConnectionClosed, ConnectionState, Dtls, DtlsError
 from . import Finding, _signal, known, register
 from ._wire import frame, framed_records, is_actionable_plaintext
-from ._world import (COOKIE_ADDRESS, Broken, Layer, Pair, check_queue, drain, handshake_until,
-                     new_pair, record_handshake)
+from ._world import (AES256, CBC, CHACHA, COOKIE_ADDRESS, Broken, Layer, Pair, check_queue, drain,
+                     handshake_until, new_pair, record_handshake)
 
 __all__ = ["CLIENT_STATES", "SERVER_STATES"]
 
@@ -63,8 +63,8 @@ def _server_hello_received(cookie: bool) -> Pair:
     return handshake_until(_fresh(cookie=cookie), done)
 
 
-def _established(layer: Layer) -> Callable[[], Pair]:
-    return lambda: record_handshake(layer)
+def _established(layer: Layer, ciphers: str | None = None) -> Callable[[], Pair]:
+    return lambda: record_handshake(layer, ciphers=ciphers)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ CLIENT_STATES = (
     State("finished-sent", _client_finished_sent),
     State("established", _established("engine"), True),
     State("established-openssl", _established("openssl"), True),
+    State("established-cbc", _established("engine", CBC), True),
 )
 SERVER_STATES = (
     State("fresh", _fresh),
@@ -88,7 +89,11 @@ SERVER_STATES = (
     State("cookie-hello-received", lambda: _server_hello_received(True)),
     State("established", _established("engine"), True),
     State("established-openssl", _established("openssl"), True),
+    State("established-cbc", _established("engine", CBC), True),
 )
+#: states whose records libssl carries with an AEAD (the known short-record bug)
+_LIBSSL_AEAD = frozenset({"fresh", "hello-sent", "finished-sent", "fresh-cookie", "hello-received",
+                          "cookie-hello-received", "established-openssl"})
 
 
 @dataclass
@@ -158,8 +163,9 @@ class EngineTarget:
         except Finding:
             slot = self.slots.pop(state.name, None)
             fed = [h[1:] for h in slot.history] if slot is not None else [data[1:]]
-            libssl = state.name != "established"  # OpenSSL carries the records until the handover
-            if known.explain(fed, libssl) is None:
+            records = (known.LIBSSL_AEAD if state.name in _LIBSSL_AEAD else
+                       known.LIBSSL_CBC if state.name == "established-cbc" else known.ENGINE)
+            if known.explain(fed, records) is None:
                 raise
 
     def _run(self, state: State, data: bytes) -> None:
@@ -224,7 +230,8 @@ def _handshake_seeds(side: Side, states: tuple[State, ...]) -> dict[str, bytes]:
     datagrams: dict[str, bytes] = {}
     for label, pair in (("plain", record_handshake("engine")),
                         ("cookie", record_handshake("engine", cookie=True)),
-                        ("openssl", record_handshake("openssl"))):
+                        ("openssl", record_handshake("openssl")),
+                        ("cbc", record_handshake("engine", ciphers=CBC))):
         for i, flight in enumerate(pair.log):
             if flight.sender != side:  # what the peer sends this role
                 datagrams[f"{label}-{i}-{flight.sender}"] = flight.datagram
@@ -235,7 +242,7 @@ def _handshake_seeds(side: Side, states: tuple[State, ...]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for index, state in enumerate(states):
         for name, d in datagrams.items():
-            if state.established or not name.startswith("openssl"):
+            if state.established or not name.startswith(("openssl", "cbc")):
                 out[f"{state.name}-{name}"] = bytes([index]) + d
         out[f"{state.name}-empty"] = bytes([index])
     return out
@@ -260,6 +267,7 @@ def feed_server(data: bytes) -> None:
 # ------------------------------------------------------------ record layer
 
 RESEND_LIMIT = 12  # what the engine promises at most (PD_MAX_RESENDS)
+_SUITES = (None, CHACHA, AES256, None)
 _RING = 80
 
 
@@ -278,8 +286,16 @@ def _mutate(live: bytes, spec: bytes) -> bytes:
     return bytes(out)
 
 
+def _starts_new_hello(d: bytes) -> bool:
+    """An established engine hands a datagram that starts with an epoch-0
+    ClientHello to the server core as a restart, and reads no record of it."""
+    return len(d) > 25 and d[0] == 22 and d[3] == 0 and d[4] == 0 and d[13] == 1
+
+
 def _carries(datagram: bytes, record: bytes) -> bool:
     """Whether a receiver frames ``record`` intact out of ``datagram``."""
+    if _starts_new_hello(datagram):
+        return False
     records, _ = framed_records(datagram)
     return any(datagram[r.start:r.end] == record for r in records)
 
@@ -319,27 +335,31 @@ class RecordLayerTarget:
     and the mode (low 3 bits): 0 raw datagram, 1 a fresh record from the peer
     XOR-mutated, 2 a replay, 3 ``feed_batch``, 4 the peer's close_notify
     mutated, 5 a retransmitted Finished mutated, 6 raw after
-    ``release_buffers()``, 7 raw bytes then a fresh record in one datagram."""
+    ``release_buffers()``, 7 raw bytes then a fresh record in one datagram.
+    Bits 4-5 pick the suite: AES-128-GCM, ChaCha20-Poly1305 (no explicit
+    nonce), AES-256-GCM (SHA-384 PRF), AES-128-GCM."""
 
     def __init__(self) -> None:
-        self.live: Live | None = None
+        self.lives: dict[str | None, Live] = {}
         self.resend: Resend | None = None
         self.recent: list[bytes] = []
 
     def reset(self) -> None:
-        self.live = self.resend = None
+        self.lives = {}
+        self.resend = None
         self.recent = []
 
     def history(self) -> list[bytes]:
         return list(self.recent)
 
-    def _live(self) -> Live:
-        if self.live is None or self.live.uses >= 4096:
-            pair = record_handshake("engine")
+    def _live(self, suite: str | None) -> Live:
+        live = self.lives.get(suite)
+        if live is None or live.uses >= 4096:
+            pair = record_handshake("engine", ciphers=suite)
             if pair.client.record_layer != "engine" or pair.server.record_layer != "engine":
-                raise Finding("an AEAD handshake did not hand the records over to the engine")
-            self.live = Live(pair)
-        return self.live
+                raise Finding(f"an AEAD handshake ({suite}) did not hand the records over")
+            live = self.lives[suite] = Live(pair)
+        return live
 
     def __call__(self, data: bytes) -> None:
         self.recent = (self.recent + [bytes(data)])[-16:]
@@ -350,10 +370,11 @@ class RecordLayerTarget:
         if mode == 5:
             self._resend(rest)
             return
-        live = self._live()
+        suite = _SUITES[(head >> 4) & 3]
+        live = self._live(suite)
         live.uses += 1
         victim, peer = live.engines(side)
-        what = f"record_layer mode {mode} on the {side}"
+        what = f"record_layer mode {mode} on the {side} ({suite or 'AES-128-GCM'})"
         expected: list[bytes] = []
         fresh: list[bytes] = []
         closing = False
@@ -400,7 +421,7 @@ class RecordLayerTarget:
         if got != expected:
             raise Finding(f"{what}: delivered {got!r}, expected {expected!r}")
         if mode == 4:
-            self.live = None
+            del self.lives[suite]
             if closing:
                 if victim.state is not ConnectionState.PEER_CLOSED:
                     raise Finding(f"{what}: an intact close_notify left {victim.state.name}")
@@ -550,6 +571,12 @@ def _record_layer_seeds() -> dict[str, bytes]:
         out[f"close-{side}-intact"] = bytes([side | 4])
         out[f"close-{side}-flip"] = bytes([side | 4, 20, 1])
         out[f"prefix-{side}"] = bytes([side | 7, 2]) + data_s
+    for bits, suite in ((16, "chacha"), (32, "aes256")):
+        out[f"live-{suite}"] = bytes([bits | 1, 3])
+        out[f"live-{suite}-flip"] = bytes([bits | 9, 40, 20, 1])
+        out[f"batch-{suite}"] = bytes([bits | 3, 1, 24]) + data_c[:12] + bytes([3, 0, 5])
+        out[f"close-{suite}"] = bytes([bits | 12])
+        out[f"raw-{suite}"] = bytes([bits | 8]) + data_c
     out["resend-intact"] = bytes([5, 0])
     out["resend-flip"] = bytes([5, 0, 200, 1])
     out["resend-raw"] = bytes([5]) + last
