@@ -126,13 +126,16 @@ class EngineTarget:
         self.side = side
         self.states = states
         self.slots: dict[str, Slot] = {}
+        self.current: Slot | None = None  # the slot of the last input
         self.tolerated = 0  # handshakes rightly failed by a well-formed message
 
     def reset(self) -> None:
         self.slots.clear()
+        self.current = None
 
     def history(self) -> list[bytes]:
-        return [d for slot in self.slots.values() for d in slot.history]
+        """What the engine of the last input had seen, that input included."""
+        return list(self.current.history) if self.current is not None else []
 
     def slot(self, state: State) -> Slot:
         slot = self.slots.get(state.name)
@@ -161,7 +164,8 @@ class EngineTarget:
         try:
             self._run(state, data)
         except Finding:
-            slot = self.slots.pop(state.name, None)
+            self.slots.pop(state.name, None)
+            slot = self.current
             fed = [h[1:] for h in slot.history] if slot is not None else [data[1:]]
             records = (known.LIBSSL_AEAD if state.name in _LIBSSL_AEAD else
                        known.LIBSSL_CBC if state.name == "established-cbc" else known.ENGINE)
@@ -170,7 +174,8 @@ class EngineTarget:
 
     def _run(self, state: State, data: bytes) -> None:
         datagram = data[1:]
-        slot = self.slot(state)
+        self.current = None
+        slot = self.current = self.slot(state)
         victim = slot.victim
         before = victim.state
         slot.uses += 1
@@ -307,6 +312,7 @@ class Live:
     pair: Pair
     seen: dict[Side, list[bytes]] = field(default_factory=lambda: {"client": [], "server": []})
     uses: int = 0
+    history: list[bytes] = field(default_factory=list)  # every input since the handshake
 
     def engines(self, side: Side) -> tuple[Dtls, Dtls]:
         p = self.pair
@@ -328,6 +334,7 @@ class Resend:
     used: set[bytes] = field(default_factory=set)
     resends: int = 0
     uses: int = 0
+    history: list[bytes] = field(default_factory=list)
 
 
 class RecordLayerTarget:
@@ -350,6 +357,8 @@ class RecordLayerTarget:
         self.recent = []
 
     def history(self) -> list[bytes]:
+        """Every input the pair of the last input has seen (its timers aside,
+        replaying them rebuilds its state)."""
         return list(self.recent)
 
     def _live(self, suite: str | None) -> Live:
@@ -362,7 +371,7 @@ class RecordLayerTarget:
         return live
 
     def __call__(self, data: bytes) -> None:
-        self.recent = (self.recent + [bytes(data)])[-16:]
+        self.recent = [bytes(data)]
         head = data[0] if data else 0
         rest = data[1:]
         side: Side = "server" if head & 8 else "client"
@@ -373,6 +382,8 @@ class RecordLayerTarget:
         suite = _SUITES[(head >> 4) & 3]
         live = self._live(suite)
         live.uses += 1
+        live.history.append(bytes(data))
+        self.recent = live.history
         victim, peer = live.engines(side)
         what = f"record_layer mode {mode} on the {side} ({suite or 'AES-128-GCM'})"
         expected: list[bytes] = []
@@ -501,6 +512,8 @@ class RecordLayerTarget:
     def _resend(self, spec: bytes) -> None:
         slot = self._resend_slot()
         slot.uses += 1
+        slot.history.append(bytes([5]) + spec)
+        self.recent = slot.history
         server = slot.pair.server
         what = "record_layer mode 5 (retransmitted Finished) on the server"
         if not slot.finished:
