@@ -94,7 +94,7 @@ def child_main(atheris: Any, argv: list[str]) -> None:
                       f"history written to {path}", file=sys.stderr, flush=True)
             raise
         for bug, count in known.hits.items():
-            if count != reported.get(bug) and (count & (count - 1)) == 0:
+            if count != reported.get(bug) and ((count & (count - 1)) == 0 or count % 1000 == 0):
                 reported[bug] = count
                 print(f"fuzz-child: known {bug} {count}", file=sys.stderr, flush=True)
 
@@ -116,6 +116,7 @@ class Result:
 
     def line(self) -> str:
         rate = self.executions / self.seconds if self.seconds > 0 else 0.0
+        # counts as last reported by the child: powers of two, then every 1000
         known_text = ",".join(f"{k}:{v}" for k, v in sorted(self.known.items())) or "none"
         return (f"fuzz: target={self.target} executions={self.executions} "
                 f"seconds={self.seconds:.1f} exec/s={rate:.0f} crashes={self.crashes} "
