@@ -170,7 +170,7 @@ def test_fuzz_replays_of_the_minimized_inputs_fail_in_strict_mode(
     replay("feed_client", [bytes([4]) + SHORT_PROTECTED])
 
 
-def test_short_record_after_a_garbage_header_kills_a_libssl_association() -> None:
+def test_short_record_behind_a_garbage_header_is_dropped() -> None:
     """feed_client, state established-openssl, as found (28 bytes): libssl
     skips the bad 13-byte header and reads a short record at epoch 1 (content
     type 0x4a) behind it; same internal_error as above."""
