@@ -785,7 +785,7 @@ int pd_handshake(pd_conn *c)
  * formed is discarded before OpenSSL sees it. */
 static int pd_plausible(const pd_conn *c, const unsigned char *d, size_t n)
 {
-    size_t off = 0;
+    size_t off = 0, min1 = 0;
     if (n < PD_RECORD_HEADER)
         return 0;
     while (off < n) {
@@ -801,6 +801,13 @@ static int pd_plausible(const pd_conn *c, const unsigned char *d, size_t n)
         epoch = ((size_t)r[3] << 8) | r[4];
         if (epoch > 1)
             return 0; /* no epoch but the first two exists before the handshake ends */
+        if (epoch == 1) {
+            /* libssl buffers it, then fails the handshake on one too short to open */
+            if (min1 == 0)
+                min1 = pd_min_protected(c->ssl != NULL ? SSL_get_pending_cipher(c->ssl) : NULL);
+            if (len < min1)
+                return 0;
+        }
         pos = off + PD_RECORD_HEADER;
         end = pos + len;
         if (epoch == 0) {
@@ -879,7 +886,7 @@ static size_t pd_min_protected(const SSL_CIPHER *cipher)
 {
     const char *name = cipher != NULL ? SSL_CIPHER_standard_name(cipher) : NULL;
     if (cipher == NULL)
-        return 1;
+        return 16; /* no suite is known yet: none has less overhead */
     if (!SSL_CIPHER_is_aead(cipher))
         return 32;
     if (SSL_CIPHER_get_cipher_nid(cipher) == NID_chacha20_poly1305)

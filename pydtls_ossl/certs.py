@@ -283,10 +283,12 @@ def generate_certificate(
     check_ptr(lib.X509_gmtime_adj(lib.X509_getm_notAfter(x509), start + int(days * 86400)),
               InternalError, "notAfter")
     check(lib.X509_set_pubkey(x509, pkey), InternalError, "X509_set_pubkey")
-    name = lib.X509_get_subject_name(x509)
+    # A name of our own: OpenSSL 4.0 hands out the certificate's as const.
+    name = ffi.gc(check_ptr(lib.X509_NAME_new(), InternalError, "X509_NAME_new"), lib.X509_NAME_free)
     check(lib.X509_NAME_add_entry_by_txt(name, b"CN", lib.MBSTRING_UTF8,
                                          common_name.encode(), -1, -1, 0),
           ConfigurationError, "bad common name")
+    check(lib.X509_set_subject_name(x509, name), InternalError, "X509_set_subject_name")
 
     if issuer is None:
         signer_cert, signer_key = x509, pkey

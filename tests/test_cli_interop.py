@@ -100,8 +100,9 @@ def test_keylog_lets_tshark_decrypt_a_capture(tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(f"tshark cannot capture on loopback here: {reason}")
     port, keys, capture = free_udp_port(), tmp_path / "keys.txt", tmp_path / "cap.pcapng"
+    # tshark 4.0 logs "Capture started" at level message; 4.4 and 4.6 at info.
     with PeerProcess([tshark, "-i", "lo", "-f", f"udp port {port}", "-w", str(capture),
-                      "-a", "duration:15"]) as sniffer:
+                      "-a", "duration:15", "--log-level", "info", "--log-domains", "Main"]) as sniffer:
         sniffer.wait_for("Capture started")  # "Capturing on" comes before it is live
         time.sleep(1.0)
         with cli_server(port, "--keylog", str(keys)) as server:
