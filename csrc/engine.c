@@ -986,9 +986,11 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         return 0;
     if (c->state == PD_STATE_ESTABLISHED && !pd_plausible_protected(c, data, len))
         return 0;
+    if (c->state != PD_STATE_ESTABLISHED && c->compact && !pd_retain_early(c, data, len))
+        return 0; /* more early records than a real peer sends: dropped */
     if (!pd_restore_buffers(c))
         return 0;
-    c->in_ptr = data;
+    c->in_ptr = data; /* borrowed until this call returns: every path below clears it */
     c->in_len = len;
     if (c->state != PD_STATE_ESTABLISHED) {
         size_t queued = c->plain_count, off = 0;
@@ -997,8 +999,6 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
             c->protected_seen += r[3] != 0 || r[4] != 0;
             off += PD_RECORD_HEADER + (((size_t)r[11] << 8) | r[12]);
         }
-        if (c->compact && !pd_retain_early(c, data, len))
-            return 0; /* more early records than a real peer sends: dropped */
         ERR_clear_error(); /* the handshake path reads the queue: start clean */
         pd_handshake_step(c);
         count = (int)(c->plain_count - queued);
