@@ -23,24 +23,31 @@ def _redis() -> Any:
     try:
         import redis
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("RedisSessionStore needs redis-py: pip install 'pydtls_ossl[redis]'") from None
+        raise ImportError("the Redis stores need redis-py: pip install 'pydtls_ossl[redis]'") from None
     return redis
 
 
-class RedisSessionStore:
-    """``SessionStore`` over Redis; see the module docstring."""
+class _RedisBase:
+    """A client (or a URL for one, with short socket timeouts) and a key prefix."""
 
-    def __init__(self, client: Any = "redis://127.0.0.1:6379/0", *,
-                 prefix: bytes = b"pydtls:session:", timeout: float = 0.25,
-                 retry_after: float = 1.0) -> None:
+    def __init__(self, client: Any, prefix: bytes, timeout: float) -> None:
         redis = _redis()
         if isinstance(client, str):
             client = redis.Redis.from_url(client, socket_timeout=timeout,
                                           socket_connect_timeout=timeout)
         self.client = client
         self.prefix = bytes(prefix)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+
+
+class RedisSessionStore(_RedisBase):
+    """``SessionStore`` over Redis; see the module docstring."""
+
+    def __init__(self, client: Any = "redis://127.0.0.1:6379/0", *,
+                 prefix: bytes = b"pydtls:session:", timeout: float = 0.25,
+                 retry_after: float = 1.0) -> None:
+        super().__init__(client, prefix, timeout)
         self.retry_after = retry_after
-        self._errors = (redis.RedisError, OSError)
         self._down_until = 0.0
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -70,7 +77,7 @@ class RedisSessionStore:
         return f"<RedisSessionStore prefix={self.prefix!r}>"
 
 
-class RedisAssociationStore:
+class RedisAssociationStore(_RedisBase):
     """``AssociationStore`` over Redis: ``take`` is an atomic GETDEL (Redis 6.2+), so
     of the processes that receive a peer's datagrams, exactly one continues it.
 
@@ -83,14 +90,8 @@ class RedisAssociationStore:
     def __init__(self, client: Any = "redis://127.0.0.1:6379/0", *,
                  prefix: bytes = b"pydtls:assoc:", timeout: float = 0.5,
                  ttl: float | None = 7 * 86400) -> None:
-        redis = _redis()
-        if isinstance(client, str):
-            client = redis.Redis.from_url(client, socket_timeout=timeout,
-                                          socket_connect_timeout=timeout)
-        self.client = client
-        self.prefix = bytes(prefix)
+        super().__init__(client, prefix, timeout)
         self.ttl = ttl
-        self._errors = (redis.RedisError, OSError)
 
     def put(self, key: bytes, blob: bytes) -> None:
         px = None if self.ttl is None else int(self.ttl * 1000)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -58,6 +59,14 @@ def pair(make_pair: Callable[..., Pair]) -> Iterator[Pair]:
     yield p
     p.client.close()
     p.server.close()
+
+
+@pytest.fixture
+def pem(tmp_path: Path, certs: Certs) -> tuple[str, str]:
+    """The server certificate and key as files, for third-party peers."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    certs.server.write(cert, key)
+    return str(cert), str(key)
 
 
 def require_tool(name: str) -> str:

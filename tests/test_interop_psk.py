@@ -46,13 +46,6 @@ def priority(suite: str) -> str:
     return "NONE:+VERS-DTLS1.2:+COMP-NULL:+SIGN-ALL:+GROUP-ALL:+CTYPE-ALL:" + GNUTLS[suite]
 
 
-@pytest.fixture
-def pem(tmp_path: Path, certs: Any) -> tuple[str, str]:
-    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
-    certs.server.write(cert, key)
-    return str(cert), str(key)
-
-
 def client_context(suite: str, certs: Any) -> tuple[DtlsContext, dict[str, Any]]:
     if suite == CERT_SUITE:
         return DtlsContext(ciphers=suite), {"expected_peer_fingerprint": certs.server.fingerprint()}

@@ -19,13 +19,6 @@ from .interop import PeerProcess, free_udp_port
 pytestmark = pytest.mark.interop
 
 
-@pytest.fixture
-def pem(tmp_path: Path, certs: Any) -> tuple[str, str]:
-    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
-    certs.server.write(cert, key)
-    return str(cert), str(key)
-
-
 class CoreOnUdp:
     """A DtlsServer echoing on a UDP socket in a thread; records resumed/full per peer."""
 

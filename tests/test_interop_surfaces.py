@@ -18,13 +18,6 @@ from .surfaces import BlockingEchoServer, async_echo
 pytestmark = pytest.mark.interop
 
 
-@pytest.fixture
-def pem(tmp_path: Path, certs: Any) -> tuple[str, str]:
-    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
-    certs.server.write(cert, key)
-    return str(cert), str(key)
-
-
 def peer_server(kind: str, port: int, pem: tuple[str, str]) -> PeerProcess:
     if kind == "openssl":
         args = [require_tool("openssl"), "s_server", "-dtls1_2", "-accept", f"127.0.0.1:{port}",
