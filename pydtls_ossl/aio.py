@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import socket
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -20,7 +21,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
-from .server import Address, ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer
+from .server import (Address, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
+                     ConnectionTerminated, DataReceived, DtlsServer)
 from .sockets import Introspection
 
 __all__ = ["AsyncDtlsConnection", "AsyncDtlsServer", "connect", "serve"]
@@ -320,9 +322,12 @@ class AsyncDtlsServer:
     """Serves many peers on one socket; ``handler(connection)`` runs per peer."""
 
     def __init__(self, handler: Handler, context: DtlsContext, max_queued_records: int,
-                 limits: dict[str, Any]) -> None:
+                 limits: dict[str, Any], export_on_close: bool = False) -> None:
         self._handler = handler
         self._core = DtlsServer(context, **limits)
+        if export_on_close and self._core.association_store is None:
+            raise ValueError("export_on_close needs association_store=")
+        self._export_on_close = export_on_close
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.DatagramTransport | None = None
         self._timer = _Timer(self._loop, self._on_timer)
@@ -353,7 +358,7 @@ class AsyncDtlsServer:
 
     def _after_io(self) -> None:
         for event in self._core.events():
-            if isinstance(event, ConnectionEstablished):
+            if isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self._core.connection(event.address)
                 assert engine is not None
                 address = event.address
@@ -372,6 +377,10 @@ class AsyncDtlsServer:
                 connection = self._connections.pop(event.address, None)
                 if connection is not None:
                     connection._end(event.error or ConnectionClosed(event.reason))
+            elif isinstance(event, ConnectionEvicted):  # its handler ends; a restore starts one
+                connection = self._connections.pop(event.address, None)
+                if connection is not None:
+                    connection._end(ConnectionClosed("moved to the association store"))
         self._send_datagrams()
         self._timer.arm(self._core.get_timeout())
 
@@ -410,6 +419,9 @@ class AsyncDtlsServer:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._export_on_close:
+            moved = self._core.export_all()
+            _log.info("pydtls_ossl: %d associations moved to the store at close", moved)
         self._core.close_all()
         self._after_io()
         self._timer.cancel()
@@ -424,6 +436,13 @@ class AsyncDtlsServer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def serve_forever(self) -> None:
+        """Serve until ``close()``; with ``export_on_close``, SIGTERM closes too
+        (on the main thread), so a restart keeps every established peer."""
+        if self._export_on_close:
+            try:
+                self._loop.add_signal_handler(signal.SIGTERM, self.close)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or no signals here: close() stays the way
         try:
             await self._closed.wait()
         finally:
@@ -438,12 +457,18 @@ class AsyncDtlsServer:
 
 
 async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
-                max_queued_records: int = 1024, **limits: Any) -> AsyncDtlsServer:
+                max_queued_records: int = 1024, export_on_close: bool = False,
+                **limits: Any) -> AsyncDtlsServer:
     """Serve DTLS on ``host:port`` (IPv4 or IPv6), like ``asyncio.start_server``.
 
-    ``limits`` go to ``DtlsServer`` (``max_handshakes``, ``idle_timeout``, ...).
+    ``limits`` go to ``DtlsServer`` (``max_handshakes``, ``idle_timeout``,
+    ``association_store``, ``evict_after``, ...). A handler runs per peer: when
+    its handshake completes, and again when an evicted or exported peer comes
+    back from the association store. ``export_on_close`` moves every
+    established peer into the store at ``close()`` (and SIGTERM during
+    ``serve_forever()``) instead of closing it, for a restart the peers never see.
     """
-    server = AsyncDtlsServer(handler, context, max_queued_records, limits)
+    server = AsyncDtlsServer(handler, context, max_queued_records, limits, export_on_close)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     await server._loop.create_datagram_endpoint(lambda: _ServerProtocol(server),
                                                 local_addr=(host, port), family=family)

@@ -22,8 +22,8 @@ from ._errors import ConnectionClosed
 from ._pump import flush, handshake, receive
 from .context import DtlsContext
 from .engine import Dtls
-from .server import (Address, ConnectionEstablished, ConnectionTerminated, DataReceived,
-                     DtlsServer)
+from .server import (Address, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
+                     ConnectionTerminated, DataReceived, DtlsServer)
 from .srtp import SrtpProfile
 
 __all__ = ["DtlsConnection", "DtlsListener", "DtlsSocket", "Introspection", "peer_certificate_info"]
@@ -179,7 +179,8 @@ class DtlsListener:
     answered as soon as it arrives.
     """
 
-    def __init__(self, context: DtlsContext, address: Address, **limits: Any) -> None:
+    def __init__(self, context: DtlsContext, address: Address, *, export_on_close: bool = False,
+                 **limits: Any) -> None:
         family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -189,6 +190,10 @@ class DtlsListener:
             raise
         self._sock.setblocking(False)
         self.core = DtlsServer(context, **limits)
+        if export_on_close and self.core.association_store is None:
+            self._sock.close()
+            raise ValueError("export_on_close needs association_store=")
+        self._export_on_close = export_on_close
         self._lock = threading.RLock()
         self._turn = threading.Condition(self._lock)
         self._pumping = False
@@ -275,7 +280,7 @@ class DtlsListener:
 
     def _route_events(self) -> None:
         for event in self.core.events():
-            if isinstance(event, ConnectionEstablished):
+            if isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self.core.connection(event.address)
                 assert engine is not None
                 connection = DtlsConnection(self, event.address, engine)
@@ -289,6 +294,10 @@ class DtlsListener:
                 conn = self._connections.pop(event.address, None)
                 if conn is not None:
                     conn._terminated = event
+            elif isinstance(event, ConnectionEvicted):  # accept() returns it again when it is back
+                conn = self._connections.pop(event.address, None)
+                if conn is not None:
+                    conn._terminated = ConnectionTerminated(event.address, "moved to the association store")
 
     def _send_due(self) -> None:
         for datagram, address in self.core.datagrams_to_send():
@@ -300,11 +309,14 @@ class DtlsListener:
                 _log.debug("cannot send to %s: %s", address, exc)
 
     def close(self) -> None:
-        """Close every association (close_notify) and the socket."""
+        """Close every association (close_notify) and the socket; with
+        ``export_on_close``, established ones move to the association store instead."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if self._export_on_close:
+                self.core.export_all()
             self.core.close_all()
             self._route_events()
             self._send_due()

@@ -19,6 +19,7 @@ import pytest
 
 from pydtls_ossl import (AlertDescription, ConnectionState, Dtls, DtlsContext, HandshakeError,
                          Verify)
+from pydtls_ossl import _openssl as _openssl_module
 from pydtls_ossl._ffi import ffi, lib
 from pydtls_ossl.server import (ConnectionEstablished, ConnectionTerminated, DataReceived,
                                 DtlsServer)
@@ -496,7 +497,9 @@ def test_oversize_handshake_records_are_dropped_mid_handshake(certs: Any) -> Non
 
 # ---------------------------------------------------------------- renegotiation
 
-_libssl = ctypes.CDLL("libssl.so.3")
+# The libssl the binding links (libssl.so.3 or .so.4): symbols looked up through the
+# extension resolve in its own dependencies, never in another release's library.
+_libssl = ctypes.CDLL(_openssl_module.__file__)
 _libssl.SSL_clear_options.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
 _libssl.SSL_clear_options.restype = ctypes.c_uint64
 _libssl.SSL_renegotiate.argtypes = [ctypes.c_void_p]
