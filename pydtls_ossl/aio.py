@@ -458,7 +458,7 @@ class AsyncDtlsServer:
 
 async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
                 max_queued_records: int = 1024, export_on_close: bool = False,
-                **limits: Any) -> AsyncDtlsServer:
+                reuse_port: bool = False, **limits: Any) -> AsyncDtlsServer:
     """Serve DTLS on ``host:port`` (IPv4 or IPv6), like ``asyncio.start_server``.
 
     ``limits`` go to ``DtlsServer`` (``max_handshakes``, ``idle_timeout``,
@@ -467,9 +467,12 @@ async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
     back from the association store. ``export_on_close`` moves every
     established peer into the store at ``close()`` (and SIGTERM during
     ``serve_forever()``) instead of closing it, for a restart the peers never see.
+    ``reuse_port`` sets SO_REUSEPORT: several processes serve one port (give them
+    one ``cookie_secret`` and one association store; see examples/cluster.py).
     """
     server = AsyncDtlsServer(handler, context, max_queued_records, limits, export_on_close)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     await server._loop.create_datagram_endpoint(lambda: _ServerProtocol(server),
-                                                local_addr=(host, port), family=family)
+                                                local_addr=(host, port), family=family,
+                                                reuse_port=reuse_port or None)
     return server

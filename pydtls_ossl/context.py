@@ -468,14 +468,17 @@ class DtlsContext:
                       peer_address=peer if cookies else None, session=session)
         return DtlsSocket(sock, engine, do_handshake_on_connect)
 
-    def listen(self, address: Any, *, export_on_close: bool = False, **limits: Any) -> Any:
+    def listen(self, address: Any, *, export_on_close: bool = False, reuse_port: bool = False,
+               **limits: Any) -> Any:
         """A ``DtlsListener`` bound to ``address``; ``limits`` go to ``DtlsServer``.
 
         ``export_on_close`` (with ``association_store=``): ``close()`` moves the
         established peers into the store, for a restart they never notice.
+        ``reuse_port``: SO_REUSEPORT, for several processes on one port.
         """
         from .sockets import DtlsListener
-        return DtlsListener(self, address, export_on_close=export_on_close, **limits)
+        return DtlsListener(self, address, export_on_close=export_on_close, reuse_port=reuse_port,
+                            **limits)
 
     def association_binding(self, binding: bytes) -> bytes:
         """What a sealed association is bound to: the settings an importer must share

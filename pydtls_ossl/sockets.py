@@ -180,10 +180,12 @@ class DtlsListener:
     """
 
     def __init__(self, context: DtlsContext, address: Address, *, export_on_close: bool = False,
-                 **limits: Any) -> None:
+                 reuse_port: bool = False, **limits: Any) -> None:
         family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if reuse_port:  # several processes on one port: the kernel spreads the peers
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._sock.bind(address)
         except OSError:
             self._sock.close()

@@ -31,3 +31,31 @@ def test_coap_psk_example() -> None:
     assert "sensor: PSK-AES128-CCM8 with PSK identity sensor-0042" in done.stdout
     assert "gateway: sensor-0042 joined" in done.stdout
     assert done.stdout.count("-> 2.05") == 3 and "all readings received" in done.stdout
+
+
+def test_cluster_example(redis_server: object) -> None:
+    """Two workers on one port; a device talks to the cluster while the workers stop."""
+    import socket
+
+    from pydtls_ossl import DtlsContext
+
+    from .interop import PeerProcess, free_udp_port
+
+    port = free_udp_port()
+    url = redis_server.url  # type: ignore[attr-defined]
+    with PeerProcess([sys.executable, str(EXAMPLES / "cluster.py"), "--workers", "2",
+                      "--port", str(port), "--redis", url, "--run-for", "20"]) as cluster:
+        cluster.wait_for("worker 0 .* serving")
+        cluster.wait_for("worker 1 .* serving")
+        ctx = DtlsContext(psk=("device-1", bytes(16)), ciphers="PSK-AES128-CCM8", initial_rto=0.2)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            raw.connect(("127.0.0.1", port))
+            device = ctx.wrap_socket(raw)
+            device.settimeout(10)
+            device.send(b"reading 1")
+            reply = device.recv()
+            assert reply.endswith(b": reading 1")
+            owner = reply.split(b":")[0].decode()
+            cluster.proc.send_signal(15)  # both workers move their peers to Redis and stop
+            cluster.wait_for(f"worker {owner} stopped: 1 peers moved to Redis")
+        assert cluster.proc.wait(20) == 0
