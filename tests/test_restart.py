@@ -94,3 +94,72 @@ def test_a_third_party_peer_keeps_talking_across_our_restart(tool: str, tmp_path
                 second.close()
     finally:
         first.close()
+
+
+_CLIENT_AFTER_RESTART = """
+import socket, sys
+from pydtls_ossl import Dtls, DtlsContext
+from pydtls_ossl._pump import receive, send
+local, server, blob_path, echo = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "echo"
+ctx = DtlsContext(psk=("device", bytes(16)), ciphers="PSK-AES128-GCM-SHA256",
+                  association_keys=[bytes(range(32))])
+engine = Dtls.import_association(open(blob_path, "rb").read(), context=ctx, binding=b"me")
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.bind(("127.0.0.1", int(local)))
+    sock.connect(("127.0.0.1", server))
+    send(engine, sock, b"from the new process\\n")
+    if echo:
+        print("got", receive(engine, sock, 10).decode().strip(), flush=True)
+    else:
+        print("sent", flush=True)
+        print("got", receive(engine, sock, 10).decode().strip(), flush=True)
+"""
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("tool", ["openssl", "gnutls"])
+def test_our_client_moves_to_a_new_process_and_the_server_keeps_talking(tool: str,
+                                                                       tmp_path: Path) -> None:
+    from pydtls_ossl import Dtls
+    from pydtls_ossl._pump import handshake, receive, send
+
+    from .conftest import require_tool
+    from .interop import free_udp_port
+    port = free_udp_port()
+    if tool == "openssl":
+        args = [require_tool("openssl"), "s_server", "-dtls1_2", "-accept", f"127.0.0.1:{port}",
+                "-psk", "00" * 16, "-nocert", "-cipher", "PSK-AES128-GCM-SHA256"]
+        ready = "ACCEPT"
+    else:
+        passwd = tmp_path / "psk.passwd"
+        passwd.write_text(f"device:{'00' * 16}\n")
+        args = [require_tool("gnutls-serv"), "--udp", "--echo", "-p", str(port), "--pskpasswd",
+                str(passwd), "--priority",
+                "NONE:+VERS-DTLS1.2:+COMP-NULL:+SIGN-ALL:+GROUP-ALL:+PSK:+AES-128-GCM:+AEAD"]
+        ready = "listening on IPv4"
+    ctx = DtlsContext(psk=("device", bytes(16)), ciphers="PSK-AES128-GCM-SHA256",
+                      association_keys=[bytes(range(32))])
+    with PeerProcess(args) as server:
+        server.wait_for(ready)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            local = sock.getsockname()[1]
+            sock.connect(("127.0.0.1", port))
+            engine = Dtls(context=ctx)
+            handshake(engine, sock, 10)
+            send(engine, sock, b"from the first process\n")
+            if tool == "openssl":
+                server.wait_for("from the first process")
+            else:
+                assert receive(engine, sock, 10) == b"from the first process\n"
+            blob = tmp_path / "client.assoc"
+            blob.write_bytes(engine.export_association(b"me"))
+        with PeerProcess([sys.executable, "-c", _CLIENT_AFTER_RESTART, str(local), str(port),
+                          str(blob), "echo" if tool == "gnutls" else "lines"]) as moved:
+            if tool == "openssl":
+                moved.wait_for("^sent$")
+                server.wait_for("from the new process")
+                server.send_line("s_server still here")
+                moved.wait_for("^got s_server still here$")
+            else:
+                moved.wait_for("^got from the new process$")
