@@ -122,6 +122,7 @@ class ServerStats:
     evicted: int = 0
     restored: int = 0
     restore_failed: int = 0  # blobs that did not open (logged), or a store that failed
+    records_dropped: int = 0  # a peer's records past max_queued_records unread events
 
 
 class _Peer:
@@ -148,7 +149,9 @@ class DtlsServer:
     dropped, never allocated), ``max_connections`` in all, ``handshake_timeout``
     seconds for a handshake to finish, ``idle_timeout`` seconds of silence
     before an association is closed, ``max_queued_bytes`` of unsent data per
-    peer (``send()`` raises ``LimitExceeded`` beyond it). A peer quiet for
+    peer (``send()`` raises ``LimitExceeded`` beyond it), ``max_queued_records``
+    received records per peer waiting in ``events()`` (newer ones are dropped and
+    counted in ``stats.records_dropped``, as a full socket buffer would). A peer quiet for
     ``release_after`` seconds gives back its buffers (~2 KB with the engine's
     record layer, ~33 KB with libssl's); they return on its next datagram.
     ``handshake_timeout`` defaults to the context's. ``clock`` (seconds,
@@ -170,6 +173,7 @@ class DtlsServer:
                  verify_peer: ServerVerifyPeer | None = None,
                  association_store: AssociationStore | None = None,
                  evict_after: float | None = None,
+                 max_queued_records: int = 4096,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not context.has_certificate and context.psk_keys is None:
             raise ValueError("a DTLS server context needs cert= and key=, or psk_keys=")
@@ -195,6 +199,9 @@ class DtlsServer:
                                          "DtlsContext(association_keys=[...]) to seal with")
         if evict_after is not None and (association_store is None or evict_after <= 0):
             raise ValueError("evict_after (seconds) needs an association_store and must be positive")
+        if max_queued_records <= 0:
+            raise ValueError("max_queued_records must be positive")
+        self.max_queued_records = max_queued_records
         self.association_store = association_store
         self.evict_after = float("inf") if evict_after is None else evict_after
         self.expected_peer_fingerprint = expected_peer_fingerprint
@@ -211,6 +218,7 @@ class DtlsServer:
         self._peers: dict[Address, _Peer] = {}
         self._handshaking = 0
         self._events: deque[ServerEvent] = deque()
+        self._unread: dict[Address, int] = {}  # DataReceived events not taken yet, per peer
         self._stateless: list[tuple[bytes, Address]] = []
         self._dirty: deque[_Peer] = deque()
         self._timers: list[tuple[float, int, int, Address]] = []
@@ -241,9 +249,7 @@ class DtlsServer:
         n = _pd_feed(conn, datagram, len(datagram))
         if n > 0:
             peer.last_seen = self._clock()
-            engine, events = peer.engine, self._events
-            while (data := engine.read()) is not None:
-                events.append(DataReceived(address, data))
+            self._queue_records(peer)
         elif n == _NEW_HELLO:
             self._peer_restart(peer, datagram)
             return
@@ -340,8 +346,7 @@ class DtlsServer:
             self._stats.handshakes_completed += 1
             self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint(),
                                                       peer.engine.psk_identity()))
-            while (data := peer.engine.read()) is not None:
-                self._events.append(DataReceived(peer.address, data))
+            self._queue_records(peer)
         self._arm(peer)
 
     # ------------------------------------------------ peer restart (§4.2.8)
@@ -475,13 +480,38 @@ class DtlsServer:
 
     # ------------------------------------------------------------ events
 
+    def _queue_records(self, peer: _Peer) -> None:
+        """Every record the peer's engine read, as events; past ``max_queued_records``
+        unread ones from this peer, newer records are dropped (and counted), so a
+        flooding peer cannot make the server hold unbounded input for it."""
+        engine, events, unread, address = peer.engine, self._events, self._unread, peer.address
+        queued = unread.get(address, 0)
+        while (data := engine.read()) is not None:
+            if queued >= self.max_queued_records:
+                self._stats.records_dropped += 1
+                continue
+            events.append(DataReceived(address, data))
+            queued += 1
+        unread[address] = queued
+
+    def _taken(self, event: ServerEvent) -> ServerEvent:
+        if type(event) is DataReceived:
+            unread = self._unread
+            left = unread[event.address] - 1
+            if left:
+                unread[event.address] = left
+            else:
+                del unread[event.address]
+        return event
+
     def next_event(self) -> ServerEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._taken(self._events.popleft()) if self._events else None
 
     def events(self) -> Iterator[ServerEvent]:
         """Drain the pending events."""
-        while self._events:
-            yield self._events.popleft()
+        events, taken = self._events, self._taken
+        while events:
+            yield taken(events.popleft())
 
     # ------------------------------------------------------------ timers
 
