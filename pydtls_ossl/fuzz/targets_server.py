@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import ConnectionClosed, ConnectionState, Dtls, DtlsError, LimitExceeded
 from ..server import ConnectionEstablished, ConnectionTerminated, DataReceived, DtlsServer
-from . import Finding, _signal, known, register
+from . import Finding, _signal, register
 from ._world import COOKIE_ADDRESS, check_queue, drain, record_handshake, world
 
 __all__ = ["ADDRESSES", "ServerTarget"]
@@ -194,11 +194,6 @@ class ServerTarget:
         assert self.server is not None
         self._time(self.server.handshake_timeout + 1)
         if self.server.handshaking != 0:
-            if any(p.replacement is not None for p in self.server._peers.values()) and \
-                    known.note("server-replacement-no-deadline"):
-                self.reset()
-                self._build()
-                return
             raise Finding(f"{self.server.handshaking} handshake(s) still counted in progress "
                           f"after every handshake deadline passed")
 
