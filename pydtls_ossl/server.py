@@ -421,8 +421,12 @@ class DtlsServer:
         out = self._stateless
         self._stateless = []
         dirty = self._dirty
+        peers = self._peers
         while dirty and (limit is None or len(out) < limit):
             peer = dirty.popleft()
+            if peers.get(peer.address) is not peer:  # evicted or replaced meanwhile
+                peer.dirty = False
+                continue
             datagram = peer.engine.pull()
             if datagram is None:
                 peer.dirty = False
@@ -492,7 +496,8 @@ class DtlsServer:
                 continue
             events.append(DataReceived(address, data))
             queued += 1
-        unread[address] = queued
+        if queued:
+            unread[address] = queued
 
     def _taken(self, event: ServerEvent) -> ServerEvent:
         if type(event) is DataReceived:

@@ -143,15 +143,18 @@ class DirectoryAssociationStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._dir = os.fspath(self.path)
 
-    def _file(self, key: bytes) -> Path:
+    def _file(self, key: bytes) -> str:
         if not key:
             raise ValueError("an association key must not be empty")
-        return self.path / (bytes(key).hex() + ".assoc")
+        # a plain string: pathlib interns every name part, which would keep one
+        # string per peer alive for the process's life
+        return os.path.join(self._dir, bytes(key).hex() + ".assoc")
 
     def put(self, key: bytes, blob: bytes) -> None:
         target = self._file(key)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".put-")
+        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".put-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -172,18 +175,23 @@ class DirectoryAssociationStore:
 
     def take(self, key: bytes) -> bytes | None:
         target = self._file(key)
-        claimed = self.path / f".take-{os.getpid()}-{threading.get_ident()}-{target.name}"
+        claimed = os.path.join(self._dir, f".take-{os.getpid()}-{threading.get_ident()}-"
+                                          f"{os.path.basename(target)}")
         try:
             os.rename(target, claimed)  # atomic: only one taker succeeds
         except FileNotFoundError:
             return None
         try:
-            return claimed.read_bytes()
+            with open(claimed, "rb") as f:
+                return f.read()
         finally:
-            claimed.unlink(missing_ok=True)
+            os.unlink(claimed)
 
     def delete(self, key: bytes) -> None:
-        self._file(key).unlink(missing_ok=True)
+        try:
+            os.unlink(self._file(key))
+        except FileNotFoundError:
+            pass
 
     def __len__(self) -> int:
         return sum(1 for _ in self.path.glob("*.assoc"))

@@ -190,3 +190,55 @@ def test_configuration_is_checked() -> None:
         DtlsServer(DtlsContext(psk_keys={"a": PSK}), association_store=MemoryAssociationStore())
     with pytest.raises(TypeError):
         DtlsServer(server_context(), association_store=object())  # type: ignore[arg-type]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.soak
+def test_10000_evicted_peers_leave_rss_where_the_empty_server_was(tmp_path: Path) -> None:
+    """After eviction (to a store on disk) and with the clients gone, the heap is
+    back where the empty server's was, and RSS gives back all but what the
+    allocators keep of a 10,000-peer peak (fragmentation, not state)."""
+    libc = ctypes.CDLL("libc.so.6")
+    clock = FakeClock()
+    store = DirectoryAssociationStore(tmp_path)
+    server = DtlsServer(server_context(), association_store=store, evict_after=60,
+                        max_connections=20000, max_handshakes=2048, clock=clock)
+    net = Net(server)
+    kept = establish(net, 20)  # these stay, to show restored peers still talk
+    list(server.events())
+    net.events.clear()
+    gc.collect()
+    libc.malloc_trim(0)
+    empty, empty_heap = rss_bytes(), malloc_in_use()
+    for start in range(20, 10020, 500):  # peers arrive over time, as they do
+        batch = [net.add(addr(i), client()) for i in range(start, start + 500)]
+        net.run(lambda: server.handshaking == 0 and all(c.is_handshake_finished() for c in batch))
+    assert len(server) == 10020
+    loaded, loaded_heap = rss_bytes(), malloc_in_use()
+    clock.now += 61
+    server.handle_timeout()
+    assert len(server) == 0 and server.stats.evicted == 10020
+    for address in list(net.clients):
+        if address not in kept:
+            del net.clients[address]
+    net.events.clear()
+    list(server.events())
+    gc.collect()
+    libc.malloc_trim(0)
+    after, heap = rss_bytes(), malloc_in_use()
+    # what is left: table capacity of dicts that held the peers, part-used allocator arenas
+    assert heap - empty_heap < 0.05 * (loaded_heap - empty_heap), (
+        f"the heap kept {(heap - empty_heap) / 2**20:.1f} of "
+        f"{(loaded_heap - empty_heap) / 2**20:.1f} MiB")
+    assert after - empty <= 0.1 * (loaded - empty), (
+        f"RSS {after / 2**20:.1f} MiB after eviction; empty server {empty / 2**20:.1f} MiB, "
+        f"with the peers {loaded / 2**20:.1f} MiB")
+    for address, engine in kept.items():
+        engine.write(b"back")
+        for datagram in iter(engine.pull, None):
+            server.feed(datagram, address)
+    assert sum(isinstance(e, DataReceived) for e in server.events()) == len(kept)
