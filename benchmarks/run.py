@@ -517,6 +517,25 @@ def _recv_frame(stream) -> object:  # type: ignore[no-untyped-def]
     return pickle.loads(stream.read(int.from_bytes(head, "big")))
 
 
+class CountingStore(MemoryAssociationStore):
+    """A MemoryAssociationStore that keeps the total size of the blobs it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sealed_bytes = 0
+
+    def put(self, key: bytes, blob: bytes) -> None:
+        old = super().take(key)
+        self.sealed_bytes += len(blob) - (len(old) if old is not None else 0)
+        super().put(key, blob)
+
+    def take(self, key: bytes) -> bytes | None:
+        blob = super().take(key)
+        if blob is not None:
+            self.sealed_bytes -= len(blob)
+        return blob
+
+
 def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, evict: bool) -> int:
     """A DtlsServer alone in this process, fed through stdin/stdout by ``CoreChild``.
 
@@ -525,7 +544,7 @@ def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, evict:
     """
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames on the pipe
-    store = MemoryAssociationStore() if evict else None
+    store = CountingStore() if evict else None
     ctx = suite_server_context(suite, cert_path, key_path,
                                [bytes(range(32))] if evict else None)
     clock = [1000.0]
@@ -572,8 +591,8 @@ def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, evict:
             _send_frame(out, {"rss": rss(), "malloc": malloc_in_use(),
                               "pymalloc": pymalloc_in_use(), "peers": len(server),
                               "stored": len(store) if store is not None else 0,
-                              "stored_bytes": sum(map(len, store._blobs.values()))
-                              if store is not None else 0, **counts})
+                              "stored_bytes": store.sealed_bytes if store is not None else 0,
+                              **counts})
         elif command == "timed":  # seconds from feed() to its DataReceived, per datagram
             latencies, clock_ns, next_event = [], time.perf_counter_ns, server.next_event
             for address, datagram in message[1]:  # type: ignore[index]
