@@ -471,15 +471,16 @@ def instructions(cols: Columns, workdir: Path) -> None:
                          for k in ("c", "ours", "py")]
                 print(f"{'  resumed / full, ' + how.split()[1]:<32}  {fmt(costs[0]):>12}  "
                       f"{fmt(costs[1]):>12}  {'':>6}  {fmt(costs[2]):>12}")
-    for suite, name in SUITES.items():  # ours only: neither libssl nor pyOpenSSL has them
+    print("association (ours only):")
+    for suite, name in SUITES.items():  # neither libssl nor pyOpenSSL has them
         per: dict[str, float] = {}
         for method in ("association_imports", "association_moves"):
             totals = [callgrind_total([sys.executable, __file__, "--count-child", method, str(n),
                                        cert, key, suite], workdir) for n in (2000, 6000)]
             per[method] = (totals[1] - totals[0]) / 4000
             print(f"  [association {name}: {method} done]", file=sys.stderr, flush=True)
-        for label, value in ((f"association import, {name}", per["association_imports"]),
-                             (f"association export, {name}",
+        for label, value in ((f"  import, {name}", per["association_imports"]),
+                             (f"  export, {name}",
                               per["association_moves"] - per["association_imports"])):
             print(f"{label:<32}  {'n/a':>12}  {value:>12,.0f}  {'n/a':>6}  {'n/a':>12}  {'n/a':>6}")
     print("ratio = C instructions / column instructions (1.00x: as lean as the C loop)")
