@@ -8,14 +8,26 @@ against the system libssl; the pyOpenSSL column runs ``pyopenssl_column.py``
 under an interpreter that has pyOpenSSL, preferring one on the same libssl.
 Columns are measured in alternating rounds and the median is reported, since
 a shared machine's speed drifts. Ratios are column / C. Nothing is asserted.
+
+Rows that only pydtls_ossl has (the C and pyOpenSSL columns print n/a):
+idle peers and evicted peers through the server core, measured with the
+``DtlsServer`` alone in a child process (``--core-child``) fed over pipes by
+clients in this process, so the child's RSS is the server's own; a warm-up
+round of handshakes, closed again, is in the baseline (handshakes in flight
+hold memory that is no peer's), and quiet peers are released as the fake
+clock moves on, as a live server releases them. Association export/import
+rates and sealed sizes for PSK-AES128-CCM8 and pinned ECDHE-ECDSA-AES128-GCM.
+``idle_breakdown.py`` says where an idle peer's bytes go.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import gc
 import os
+import pickle
 import platform
 import shutil
 import statistics
@@ -31,7 +43,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from pydtls_ossl import Dtls, DtlsContext, generate_certificate, openssl_version  # noqa: E402
-from pydtls_ossl.server import ConnectionEstablished, DtlsServer  # noqa: E402
+from pydtls_ossl.server import (ConnectionEstablished, ConnectionEvicted,  # noqa: E402
+                                ConnectionRestored, DataReceived, DtlsServer)
+from pydtls_ossl.certs import certificate_fingerprint  # noqa: E402
+from pydtls_ossl.stores import MemoryAssociationStore  # noqa: E402
 
 CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
 GROUPS = "X25519:P-256"
@@ -39,6 +54,11 @@ SIZES = (100, 1163)  # 1163: the largest record payload at MTU 1200 with AES-128
 BATCH = 64
 #: how a resumed handshake finds its session: the server's session-ID cache, or a ticket
 RESUMPTION = {"cache": "session cache", "ticket": "session ticket"}
+#: the suites of the association rows: a CoAP-style PSK device, and a WebRTC-style
+#: certificate peer whose fingerprint the server pins
+SUITES = {"psk": "PSK-AES128-CCM8", "cert": "ECDHE-ECDSA-GCM pinned"}
+PSK_IDENTITY, PSK_KEY = "sensor-0042", bytes.fromhex("5e9c2f1a7b3d4c8e6f0a1b2c3d4e5f60")
+BINDING = b"198.51.100.7|5684"
 
 
 # ----------------------------------------------------------------- helpers
@@ -64,6 +84,25 @@ def malloc_in_use() -> int:
         return 0
 
 
+def pymalloc_in_use() -> int:
+    """Bytes in pymalloc's allocated blocks (Python's small objects, which mallinfo2
+    does not see: pymalloc maps its arenas itself). CPython's debug statistics."""
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()  # type: ignore[attr-defined]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        for line in f.read().decode(errors="replace").splitlines():
+            if line.startswith("# bytes in allocated blocks"):
+                return int(line.split("=")[1].replace(",", ""))
+    return 0
+
+
 #: Set by --count-child: run exactly this many operations instead of for a time.
 COUNT_LIMIT = 0
 
@@ -75,6 +114,50 @@ def timed_rate(body: Callable[[], int], seconds: float) -> float:
     while (done < COUNT_LIMIT) if COUNT_LIMIT else (time.perf_counter() < end):
         done += body()
     return done / (time.perf_counter() - start)
+
+
+
+# -------------------------------------------- association rows' contexts
+
+def suite_server_context(suite: str, cert: bytes | str | None = None, key: bytes | str | None = None,
+                         association_keys: list[bytes] | None = None) -> DtlsContext:
+    """The server context of an association row: session cache off (as in every
+    column), tickets on; ``cert`` suites pin the client, hence the context id."""
+    if suite == "psk":
+        return DtlsContext(psk_keys={PSK_IDENTITY: PSK_KEY}, ciphers="PSK-AES128-CCM8",
+                           session_cache=False, association_keys=association_keys)
+    return DtlsContext(cert, key, ciphers=CIPHER, groups=GROUPS, session_cache=False,
+                       session_context_id=b"pydtls-bench", association_keys=association_keys)
+
+
+def suite_client_context(suite: str, cert: bytes | str | None = None,
+                         key: bytes | str | None = None) -> DtlsContext:
+    if suite == "psk":
+        return DtlsContext(psk=(PSK_IDENTITY, PSK_KEY), ciphers="PSK-AES128-CCM8")
+    return DtlsContext(cert, key, ciphers=CIPHER, groups=GROUPS)
+
+
+def pump_handshake(client: Dtls, server: Dtls) -> None:
+    client.handshake()
+    for _ in range(50):
+        while (datagram := client.pull()) is not None:
+            server.feed(datagram)
+        while (datagram := server.pull()) is not None:
+            client.feed(datagram)
+        if client.is_handshake_finished() and server.is_handshake_finished():
+            return
+    raise RuntimeError("handshake did not finish")
+
+
+def one_record_each_way(client: Dtls, server: Dtls) -> None:
+    client.write(b"ping")
+    server.feed(client.pull())  # type: ignore[arg-type]
+    if server.read() != b"ping":
+        raise RuntimeError("the server did not get the record")
+    server.write(b"pong")
+    client.feed(server.pull())  # type: ignore[arg-type]
+    if client.read() != b"pong":
+        raise RuntimeError("the client did not get the record")
 
 
 # ------------------------------------------------------------ our column
@@ -260,6 +343,71 @@ class Ours:
             raise RuntimeError("not every association survived")
         return elapsed, rss() / 1e6, (rss() - before) / count / 1024
 
+    # ------------------------------------------------ association export/import
+
+    def _client_cert(self):  # type: ignore[no-untyped-def]
+        if getattr(self, "_peer_cert", None) is None:
+            self._peer_cert = generate_certificate("bench.client", key_type="ec")
+        return self._peer_cert
+
+    def association_pair(self, suite: str) -> tuple[Dtls, Dtls, DtlsContext]:
+        """(client, server, server context): established, one record each way, the server
+        context able to seal (``association_keys``); ``cert`` pins both ends."""
+        sctx = suite_server_context(suite, self.cert_pem, self.key_pem, [os.urandom(32)])
+        if suite == "psk":
+            client = Dtls(context=suite_client_context("psk"))
+            server = Dtls(is_server=True, context=sctx)
+        else:
+            peer = self._client_cert()
+            client = Dtls(context=suite_client_context("cert", peer.cert_pem, peer.key_pem),
+                          expected_peer_fingerprint=certificate_fingerprint(self.cert_pem))
+            server = Dtls(is_server=True, context=sctx, expected_peer_fingerprint=peer.fingerprint())
+        pump_handshake(client, server)
+        one_record_each_way(client, server)
+        if server.record_layer != "engine":
+            raise RuntimeError(f"{suite}: the association kept libssl's record layer")
+        return client, server, sctx
+
+    def association_moves(self, seconds: float, suite: str) -> tuple[float, float]:
+        """(exports/s, imports/s) of one server association moved out and back in a chain:
+        each import continues the engine the last export ended; the client then still
+        talks to the last one. Each call is timed on its own."""
+        client, server, sctx = self.association_pair(suite)
+        export_s = import_s = 0.0
+        done, clock = 0, time.perf_counter
+        end = clock() + seconds
+        imported = Dtls.import_association
+        while (done < COUNT_LIMIT) if COUNT_LIMIT else (clock() < end):
+            for _ in range(100):
+                t0 = clock()
+                blob = server.export_association(BINDING)
+                t1 = clock()
+                server = imported(blob, context=sctx, binding=BINDING)
+                import_s += clock() - t1
+                export_s += t1 - t0
+            done += 100
+        one_record_each_way(client, server)  # the peer noticed nothing
+        return done / export_s, done / import_s
+
+    def association_imports(self, seconds: float, suite: str) -> float:
+        """Imports of one blob, every engine kept (so no free is counted): the
+        instruction rows subtract this from a move to get an export."""
+        client, server, sctx = self.association_pair(suite)
+        blob = server.export_association(BINDING)
+        kept: list[Dtls] = []
+        imported, keep = Dtls.import_association, kept.append
+
+        def hundred() -> int:
+            for _ in range(100):
+                keep(imported(blob, context=sctx, binding=BINDING))
+            return 100
+        rate = timed_rate(hundred, seconds)
+        one_record_each_way(client, kept[-1])
+        return rate
+
+    def sealed_bytes(self, suite: str) -> int:
+        return len(self.association_pair(suite)[1].export_association(BINDING))
+
 
 INSTRUCTION_METRICS = [  # (label, C mode and args, our method and args, pyOpenSSL metric, n1, n2)
     ("full handshake", "handshake", ["1"], "handshakes", [], "handshake", 20, 60),
@@ -323,7 +471,21 @@ def instructions(cols: Columns, workdir: Path) -> None:
                          for k in ("c", "ours", "py")]
                 print(f"{'  resumed / full, ' + how.split()[1]:<32}  {fmt(costs[0]):>12}  "
                       f"{fmt(costs[1]):>12}  {'':>6}  {fmt(costs[2]):>12}")
+    print("association (ours only):")
+    for suite, name in SUITES.items():  # neither libssl nor pyOpenSSL has them
+        per: dict[str, float] = {}
+        for method in ("association_imports", "association_moves"):
+            totals = [callgrind_total([sys.executable, __file__, "--count-child", method, str(n),
+                                       cert, key, suite], workdir) for n in (2000, 6000)]
+            per[method] = (totals[1] - totals[0]) / 4000
+            print(f"  [association {name}: {method} done]", file=sys.stderr, flush=True)
+        for label, value in ((f"  import, {name}", per["association_imports"]),
+                             (f"  export, {name}",
+                              per["association_moves"] - per["association_imports"])):
+            print(f"{label:<32}  {'n/a':>12}  {value:>12,.0f}  {'n/a':>6}  {'n/a':>12}  {'n/a':>6}")
     print("ratio = C instructions / column instructions (1.00x: as lean as the C loop)")
+    print("association import: Dtls.import_association of one blob, engines kept; export: a move\n"
+          "  (export, then import of its blob) less an import, so it includes freeing the engine")
     print("resumed / full = a resumed handshake's instructions / a full one's, in each column")
 
 
@@ -336,6 +498,317 @@ def memory_in_child(count: int, release: bool, layer: str = "engine") -> tuple[f
     return float(rss_per), float(heap_per)
 
 
+# ------------------------------------------- the server core, alone in a child
+
+#: a released peer's quiet time, and the eviction time, on the core's fake clock (the
+#: clock moves 1.5 s per CHUNK peers, so no peer is evicted while the others arrive)
+RELEASE_AFTER, EVICT_AFTER, CHUNK = 1.0, 3600.0, 1024
+
+
+def _send_frame(stream, message: object) -> None:  # type: ignore[no-untyped-def]
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(4, "big") + data)
+    stream.flush()
+
+
+def _recv_frame(stream) -> object:  # type: ignore[no-untyped-def]
+    head = stream.read(4)
+    if len(head) != 4:
+        raise EOFError("the other side of the core pipe went away")
+    return pickle.loads(stream.read(int.from_bytes(head, "big")))
+
+
+class CountingStore(MemoryAssociationStore):
+    """A MemoryAssociationStore that keeps the total size of the blobs it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sealed_bytes = 0
+
+    def put(self, key: bytes, blob: bytes) -> None:
+        old = super().take(key)
+        self.sealed_bytes += len(blob) - (len(old) if old is not None else 0)
+        super().put(key, blob)
+
+    def take(self, key: bytes) -> bytes | None:
+        blob = super().take(key)
+        if blob is not None:
+            self.sealed_bytes -= len(blob)
+        return blob
+
+
+def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, evict: bool) -> int:
+    """A DtlsServer alone in this process, fed through stdin/stdout by ``CoreChild``.
+
+    The clients live in the parent, so this process's RSS is the server's own:
+    its Python objects, its C state and malloc's overhead, nothing of the peers.
+    """
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but frames on the pipe
+    store = CountingStore() if evict else None
+    ctx = suite_server_context(suite, cert_path, key_path,
+                               [bytes(range(32))] if evict else None)
+    clock = [1000.0]
+    server = DtlsServer(ctx, max_connections=10**7, max_handshakes=10**6, idle_timeout=1e9,
+                        release_after=RELEASE_AFTER, handshake_timeout=1e6,
+                        association_store=store, evict_after=EVICT_AFTER if evict else None,
+                        expected_peer_fingerprint=(lambda address: client_fp)
+                        if suite == "cert" else None,
+                        clock=lambda: clock[0])
+    counts = {"established": 0, "data": 0, "evicted": 0, "restored": 0, "other": 0}
+    feed, events, send = server.feed, server.events, server.send
+
+    def drain(echo: bool) -> None:
+        for event in events():
+            if type(event) is DataReceived:
+                counts["data"] += 1
+                if echo:
+                    send(event.address, event.data)
+            elif type(event) is ConnectionEstablished:
+                counts["established"] += 1
+            elif type(event) is ConnectionEvicted:
+                counts["evicted"] += 1
+            elif type(event) is ConnectionRestored:
+                counts["restored"] += 1
+            else:
+                counts["other"] += 1
+
+    while True:
+        message = _recv_frame(inp)
+        command = message[0]  # type: ignore[index]
+        if command == "feed":  # (datagrams, echo): every DataReceived is sent back
+            for address, datagram in message[1]:  # type: ignore[index]
+                feed(datagram, address)
+            drain(message[2])  # type: ignore[index]
+            _send_frame(out, server.datagrams_to_send())
+        elif command == "tick":  # the clock moves on; the core's timers run
+            clock[0] += message[1]  # type: ignore[index]
+            server.handle_timeout()
+            drain(False)
+            server.datagrams_to_send()
+            _send_frame(out, dict(counts))
+        elif command == "memory":
+            gc.collect()
+            _send_frame(out, {"rss": rss(), "malloc": malloc_in_use(),
+                              "pymalloc": pymalloc_in_use(), "peers": len(server),
+                              "stored": len(store) if store is not None else 0,
+                              "stored_bytes": store.sealed_bytes if store is not None else 0,
+                              **counts})
+        elif command == "timed":  # seconds from feed() to its DataReceived, per datagram
+            latencies, clock_ns, next_event = [], time.perf_counter_ns, server.next_event
+            for address, datagram in message[1]:  # type: ignore[index]
+                start = clock_ns()
+                feed(datagram, address)
+                while (event := next_event()) is not None and type(event) is not DataReceived:
+                    if type(event) is ConnectionRestored:
+                        counts["restored"] += 1
+                took = clock_ns() - start
+                if event is None or event.address != address:
+                    raise RuntimeError(f"no DataReceived for {address!r}")
+                counts["data"] += 1
+                latencies.append(took / 1e9)
+            drain(False)
+            server.datagrams_to_send()
+            _send_frame(out, latencies)
+        elif command == "close_all":  # forget every peer (the warm-up round)
+            server.close_all()
+            server.datagrams_to_send()
+            for _ in events():
+                pass
+            _send_frame(out, len(server))
+        elif command == "exit":
+            _send_frame(out, None)
+            return 0
+        else:
+            raise SystemExit(f"core child: unknown command {command!r}")
+
+
+class CoreChild:
+    """The parent's end: the clients of ``count`` peers, driven through the child's core.
+
+    Clients shake hands in groups of ``GROUP``; two groups are in flight at once,
+    so the parent's client work overlaps the child's server work on two cores.
+    """
+
+    GROUP = 32
+
+    def __init__(self, suite: str, cols: "Columns", evict: bool = False) -> None:
+        self.suite = suite
+        peer = cols.client_cert
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--core-child", suite, str(cols.cert), str(cols.key),
+             peer.fingerprint(), "evict" if evict else "keep"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)  # type: ignore[union-attr]
+            except OSError:
+                pass  # the default 64 KB: groups are small enough for it too
+        self.cctx = suite_client_context(suite, peer.cert_pem, peer.key_pem)
+        self.server_fp = certificate_fingerprint(cols.cert.read_bytes())
+
+    def send(self, message: object) -> None:
+        _send_frame(self.proc.stdin, message)
+
+    def recv(self) -> object:
+        return _recv_frame(self.proc.stdout)
+
+    def call(self, *message: object) -> object:
+        self.send(message)
+        return self.recv()
+
+    def close(self) -> None:
+        self.call("exit")
+        self.proc.wait(timeout=60)
+
+    def __enter__(self) -> "CoreChild":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            if exc[0] is None:
+                self.close()
+            else:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _client(self) -> Dtls:
+        if self.suite == "psk":
+            return Dtls(context=self.cctx)
+        return Dtls(context=self.cctx, expected_peer_fingerprint=self.server_fp)
+
+    @staticmethod
+    def address(i: int) -> tuple[str, int]:
+        return (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 5684 + (i >> 24))
+
+    def populate(self, count: int, keep: int = 0) -> dict[tuple[str, int], Dtls]:
+        """``count`` established peers, as a live server gets them: each CHUNK of
+        peers arrives while the clock moves on, and the core releases the quiet
+        ones (``release_after``) as they go, so their freed buffers serve the next
+        handshakes. Before the baseline of a measurement, ``warm_up()``."""
+        kept: dict[tuple[str, int], Dtls] = {}
+        every = max(1, count // keep) if keep else 0
+        for start in range(0, count, CHUNK):
+            kept.update(self.establish(min(CHUNK, count - start), start, every, keep - len(kept)))
+            self.call("tick", RELEASE_AFTER * 1.5)
+        return kept
+
+    def warm_up(self) -> None:
+        """Handshakes in flight take memory that is not any peer's (a group's SSL
+        objects): run one round of them and close those peers, so the baseline
+        taken after it already holds that working set."""
+        self.establish(2 * self.GROUP, start=1 << 24)
+        self.call("close_all")
+
+    def establish(self, count: int, start: int = 0, every: int = 0,
+                  keep: int = 0) -> dict[tuple[str, int], Dtls]:
+        """Shake hands with peers ``start`` to ``start + count``, one record each way
+        (echoed by the core); clients are dropped once done, except up to ``keep``
+        whose index is a multiple of ``every``."""
+        kept: dict[tuple[str, int], Dtls] = {}
+        entries: dict[tuple[str, int], list] = {}  # address -> [client, phase, rounds, index]
+        groups: list[list[tuple[str, int]]] = [[], []]
+        next_i, end = start, start + count
+        inflight: list[int] = []
+
+        def refill(g: list[tuple[str, int]]) -> None:
+            nonlocal next_i
+            while len(g) < self.GROUP and next_i < end:
+                address = self.address(next_i)
+                client = self._client()
+                client.handshake()
+                entries[address] = [client, 0, 0, next_i]
+                g.append(address)
+                next_i += 1
+
+        def outgoing(g: list[tuple[str, int]]) -> list[tuple[tuple[str, int], bytes]]:
+            out = []
+            for address in g:
+                pull = entries[address][0].pull
+                while (datagram := pull()) is not None:
+                    out.append((address, datagram))
+            return out
+
+        for k in (0, 1):
+            refill(groups[k])
+            if groups[k]:
+                self.send(("feed", outgoing(groups[k]), True))
+                inflight.append(k)
+        while inflight:
+            k = inflight.pop(0)
+            for datagram, address in self.recv():  # type: ignore[attr-defined]
+                entries[address][0].feed(datagram)
+            still = []
+            for address in groups[k]:
+                entry = entries[address]
+                client = entry[0]
+                entry[2] += 1
+                if entry[1] == 0 and client.is_handshake_finished():
+                    client.write(b"ping")
+                    entry[1] = 1
+                elif entry[1] == 1 and (data := client.read()) is not None:
+                    if data != b"ping":
+                        raise RuntimeError("the core echoed something else")
+                    del entries[address]
+                    if every and entry[3] % every == 0 and len(kept) < keep:
+                        kept[address] = client
+                    continue
+                if entry[2] > 40:
+                    raise RuntimeError(f"peer {address!r} did not finish through the core")
+                still.append(address)
+            groups[k] = still
+            refill(still)
+            if still:
+                self.send(("feed", outgoing(still), True))
+                inflight.append(k)
+        return kept
+
+    def timed(self, clients: dict[tuple[str, int], Dtls], payload: bytes) -> list[float]:
+        """Each kept client sends one record; seconds from the core's feed() to its event."""
+        datagrams = []
+        for address, client in clients.items():
+            client.write(payload)
+            datagrams.append((address, client.pull()))
+        return self.call("timed", datagrams)  # type: ignore[return-value]
+
+
+def core_idle_memory(cols: "Columns", suite: str, count: int) -> dict[str, float]:
+    """Bytes per idle association held by the server core alone (clients in the parent):
+    RSS, C heap (mallinfo2) and Python's small objects (pymalloc), per peer."""
+    with CoreChild(suite, cols) as child:
+        child.warm_up()
+        before = child.call("memory")
+        child.populate(count)
+        idle = child.call("memory")
+    warm = 2 * CoreChild.GROUP
+    if idle["peers"] != count or idle["established"] != count + warm \
+            or idle["data"] != count + warm:  # type: ignore[index]
+        raise RuntimeError(f"{suite}: not every peer established and echoed: {idle}")
+    return {k: (idle[k] - before[k]) / count for k in ("rss", "malloc", "pymalloc")}  # type: ignore[index]
+
+
+def core_eviction(cols: "Columns", count: int, sample: int) -> dict[str, object]:
+    """PSK peers in one core, released, evicted into a MemoryAssociationStore, restored."""
+    with CoreChild("psk", cols, evict=True) as child:
+        child.warm_up()
+        before = child.call("memory")
+        clients = child.populate(count, keep=sample)  # quiet: buffers, cipher contexts released
+        held = child.call("memory")
+        released = child.timed(clients, b"released")  # in memory, contexts rebuilt
+        active = child.timed(clients, b"active")      # in memory, contexts live
+        child.call("tick", EVICT_AFTER + 1)
+        evicted = child.call("memory")
+        restored = child.timed(clients, b"restored")  # out of the store, imported
+        after = child.call("memory")
+    if held["peers"] != count or evicted["peers"] != 0 or evicted["evicted"] != count \
+            or held["evicted"] != 0 \
+            or after["restored"] != len(clients):  # type: ignore[index]
+        raise RuntimeError(f"eviction did not go as planned: {held} {evicted} {after}")
+    return {"before": before, "held": held, "evicted": evicted, "sample": len(clients),
+            "restored_s": statistics.median(restored), "released_s": statistics.median(released),
+            "active_s": statistics.median(active)}
+
+
 # ------------------------------------------------------------ columns
 
 class Columns:
@@ -343,7 +816,9 @@ class Columns:
         cert = generate_certificate("bench.pydtls", key_type="ec")
         self.cert, self.key = workdir / "cert.pem", workdir / "key.pem"
         cert.write(self.cert, self.key)
+        self.client_cert = generate_certificate("bench.client", key_type="ec")
         self.ours = Ours(cert.cert_pem, cert.key_pem)
+        self.ours._peer_cert = self.client_cert
         self.c_binary = self._compile(workdir)
         self.pyopenssl = self._find_pyopenssl()
 
@@ -417,11 +892,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="seconds per measurement round")
     parser.add_argument("--associations", type=int, help="associations for the memory rows")
     parser.add_argument("--core-peers", type=int, help="peers for the server-core scale row")
+    parser.add_argument("--idle-peers", type=int, help="peers for the idle rows through the core")
+    parser.add_argument("--evict-peers", type=int, help="PSK peers for the eviction rows")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per operation under callgrind instead of timing")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--count-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--core-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.core_child:
+        suite, cert_path, key_path, client_fp, mode = args.core_child
+        return core_child(suite, cert_path, key_path, client_fp, mode == "evict")
     if args.count_child:
         global COUNT_LIMIT
         method, count, cert_path, key_path, *extra = args.count_child
@@ -440,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if quick else 3
     associations = args.associations or (500 if quick else 10_000)
     core_peers = args.core_peers or (1_000 if quick else 100_000)
+    idle_peers = args.idle_peers or (1_000 if quick else 10_000)
+    evict_peers = args.evict_peers or (2_000 if quick else 100_000)
 
     with tempfile.TemporaryDirectory() as tmp:
         cols = Columns(Path(tmp))
@@ -528,6 +1011,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{o_keep_heap / 1024:.1f} / {o_rel_heap / 1024:.1f} KB (ours)")
         row("   ours with record_layer='openssl', kept", None, l_keep_rss / 1024, None, "", " KB")
         row("   ours with record_layer='openssl', released", None, l_rel_rss / 1024, None, "", " KB")
+        for suite, name in SUITES.items():
+            idle = core_idle_memory(cols, suite, idle_peers)
+            row(f"5. KB RSS per idle peer via the core, {name} ({idle_peers:,})", None,
+                idle["rss"] / 1024, None, "<= 1 KB", " KB")
+            row("   KB malloc'd + KB Python objects per idle peer", None, None, None,
+                f"{idle['malloc'] / 1024:.2f} + {idle['pymalloc'] / 1024:.2f} KB (ours)")
         elapsed, total_mb, per_peer = ours.server_core_scale(core_peers)
         rate = core_peers / elapsed
         row(f"6. {core_peers:,} peers in one server core: handshakes/s", None, rate, None,
@@ -536,6 +1025,24 @@ def main(argv: list[str] | None = None) -> int:
         row(f"   total RSS MB ({per_peer:.1f} KB per peer)", None, total_mb, None,
             "<= 2,500 MB" if core_peers >= 100_000 else
             f"<= 2,500 MB at 100k (projected {total_mb + (100_000 - core_peers) * per_peer / 1024:,.0f})")
+        ev = core_eviction(cols, evict_peers, min(1_000, evict_peers))
+        before, held, evicted = ev["before"], ev["held"], ev["evicted"]  # type: ignore[misc]
+        per_kb = (held["rss"] - before["rss"]) / evict_peers / 1024
+        row(f"6. {evict_peers:,} PSK peers evicted: server RSS before them", None,
+            before["rss"] / 1e6, None, "", " MB")
+        row("   RSS with them, idle in memory", None, held["rss"] / 1e6, None,
+            f"{per_kb:.2f} KB per peer", " MB")
+        row("   RSS after evict_after evicted them all", None, evicted["rss"] / 1e6, None,
+            f"store: {evicted['stored_bytes'] / evict_peers:.0f} B sealed per peer", " MB")
+        row("   MB malloc'd + Python objects, before / with / evicted", None, None, None,
+            " / ".join(f"{m['malloc'] / 1e6:.1f} + {m['pymalloc'] / 1e6:.1f}"
+                       for m in (before, held, evicted)) + " MB")
+        row(f"   us feed -> DataReceived, after a restore (median of {ev['sample']:,})", None,
+            ev["restored_s"] * 1e6, None,  # type: ignore[operator]
+            f"{ev['restored_s'] / ev['active_s']:.1f}x an active peer's")  # type: ignore[operator]
+        row("   us feed -> DataReceived, peer in memory, released", None,
+            ev["released_s"] * 1e6, None)  # type: ignore[operator]
+        row("   us feed -> DataReceived, peer in memory, active", None, ev["active_s"] * 1e6, None)  # type: ignore[operator]
         c1, c2 = interleaved([lambda: cols.c("handshake", seconds, "1"),
                               lambda: cols.c("handshake", seconds, "2")], rounds)
         o1, o2 = interleaved([lambda: ours.threaded_handshakes(seconds, 1),
@@ -544,6 +1051,15 @@ def main(argv: list[str] | None = None) -> int:
         row("7. handshakes/s, 2 threads", c2, o2, p2, "")
         row("   2 threads / 1 thread (each column)", c2 and c1 and c2 / c1, o2 and o1 and o2 / o1,
             p2 and p_hs and p2 / p_hs, ">= 1.7x (ours)")
+        for suite, name in SUITES.items():
+            moves = [ours.association_moves(seconds, suite) for _ in range(rounds)]
+            row(f"8. association exports/s, {name}", None,
+                statistics.median(m[0] for m in moves), None)
+            row(f"   association imports/s, {name}", None,
+                statistics.median(m[1] for m in moves), None)
+        for suite, name in SUITES.items():
+            row(f"   sealed bytes per association, {name}", None, ours.sealed_bytes(suite), None,
+                "<= 256 B", " B")
 
     width = max(len(r[0]) for r in rows)
     print(f"{'metric':<{width}}  {'C':>11}  {'pydtls_ossl':>11}  {'ratio':>6}  {'pyOpenSSL':>10}  "
