@@ -76,9 +76,16 @@
  * content type tls12_cid (25) with the CID after the sequence number, and
  * the AAD/MAC input with seq_num_placeholder (8 x 0xff), tls12_cid,
  * cid_length, tls12_cid, version, epoch+seq, cid, length.
+ * The rx CID is only what --cid sets: wolfSSL makes none up itself.
+ *
  * Known behaviour: a wolfSSL DTLS 1.2 client that offers a non-empty CID
- * could not finish a handshake with a server that ignores CID (seen in an
- * earlier trial with openssl s_server -dtls1_2).
+ * cannot finish a handshake with a server that ignores CID (openssl
+ * s_server -dtls1_2: the server completes, this client times out).  Only
+ * the server side drops the CID state when the extension is not
+ * negotiated; the client keeps its rx CID, and the AAD it decrypts with is
+ * chosen by its rx CID size, not by the record's content type, so the
+ * server's Finished (a plain type-22 record) never authenticates.  With
+ * --cid-empty (rx CID of size 0) the handshake succeeds.
  */
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
