@@ -292,6 +292,11 @@ void pd_expire(pd_conn *);
 int pd_ctx_level_for_ciphers(SSL_CTX *);
 extern "Python" int pd_verify_hook_cb(void *, const unsigned char *, int);
 int pd_extms(pd_conn *);
+int pd_ctx_enable_cid(SSL_CTX *);
+int pd_set_cid(pd_conn *, const unsigned char *, size_t, unsigned int);
+int pd_get_cid(pd_conn *, int, const unsigned char **);
+int pd_cid_advanced(pd_conn *);
+int pd_cid_failed(pd_conn *);
 """
 
 SESSIONS = """
@@ -368,7 +373,7 @@ def _source() -> str:
         "#endif\n"
     )
     sources = "".join((HERE / "csrc" / name).read_text()
-                      for name in ("cookie.c", "engine.c", "records.c", "sessions.c", "association.c"))
+                      for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c"))
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 

@@ -21,7 +21,7 @@
  */
 #include <sys/time.h>
 
-#define PD_ASSOC_VERSION 1
+#define PD_ASSOC_VERSION 2          /* 2 adds the Connection IDs; 1 is still read */
 #define PD_ASSOC_HEADER (1 + 1 + 4 + 12)
 #define PD_ASSOC_TAG 16
 #define PD_ASSOC_PLAIN_MAX 2048
@@ -165,6 +165,16 @@ long pd_export_association(pd_conn *c, const unsigned char *key, const unsigned 
         pd_put_uint(&b, (unsigned long long)rl->peer_der_len, 2);
         pd_put(&b, rl->peer_der, (size_t)rl->peer_der_len);
     }
+    if (c->cid == NULL || !c->cid->negotiated) {
+        pd_put_uint(&b, 0, 1);
+    } else {
+        pd_put_uint(&b, 1, 1);
+        pd_put_uint(&b, c->cid->padding, 2);
+        pd_put_uint(&b, c->cid->rx_len, 1);
+        pd_put(&b, c->cid->id, c->cid->rx_len);
+        pd_put_uint(&b, c->cid->tx_len, 1);
+        pd_put(&b, c->cid->id + c->cid->rx_len, c->cid->tx_len);
+    }
     total = (long)(PD_ASSOC_HEADER + b.len + PD_ASSOC_TAG);
     if (!b.ok || psk > 255 || rl->alpn_len > 255 || (size_t)total > cap) {
         OPENSSL_cleanse(plain, sizeof(plain));
@@ -215,7 +225,8 @@ static const SRTP_PROTECTION_PROFILE *pd_ctx_srtp(SSL_CTX *ctx, unsigned long id
 }
 
 /* Parse an opened blob into a new record layer for c (whose role it fixes). */
-static int pd_assoc_parse(pd_conn *c, SSL_CTX *ctx, const unsigned char *plain, size_t len)
+static int pd_assoc_parse(pd_conn *c, SSL_CTX *ctx, const unsigned char *plain, size_t len,
+                          int version)
 {
     pd_rbuf b = { plain, len, 0, 1 };
     struct pd_rl *rl = calloc(1, sizeof(*rl));
@@ -275,6 +286,29 @@ static int pd_assoc_parse(pd_conn *c, SSL_CTX *ctx, const unsigned char *plain, 
             rl->peer_der_len = (int)n;
         }
     }
+    if (version >= 2 && pd_get_uint(&b, 1) == 1) {
+        unsigned int padding = (unsigned int)pd_get_uint(&b, 2), rx, tx;
+        const unsigned char *rx_id, *tx_id;
+        rx = (unsigned int)pd_get_uint(&b, 1);
+        rx_id = pd_get(&b, rx);
+        tx = (unsigned int)pd_get_uint(&b, 1);
+        tx_id = pd_get(&b, tx);
+        if (b.ok && padding <= 256) {
+            if ((c->cid = calloc(1, sizeof(struct pd_cid) + rx + tx)) == NULL)
+                goto nomem;
+            c->cid->negotiated = 1;
+            c->cid->padding = padding;
+            c->cid->rx_len = (unsigned char)rx;
+            c->cid->tx_len = (unsigned char)tx;
+            if (rx)
+                memcpy(c->cid->id, rx_id, rx);
+            if (tx)
+                memcpy(c->cid->id + rx, tx_id, tx);
+            rl->raw = rx > 0 || tx > 0;
+        } else {
+            b.ok = 0;
+        }
+    }
     if (!b.ok || b.off != b.len || rl->epoch == 0 || c->mtu < 256 || c->max_plaintext == 0
             || c->max_plaintext > PD_MAX_PLAINTEXT)
         goto format;
@@ -286,7 +320,7 @@ static int pd_assoc_parse(pd_conn *c, SSL_CTX *ctx, const unsigned char *plain, 
     rl->version = "DTLSv1.2";
     rl->session_reused = (int)(flags & 1);
     rl->extms = (int)((flags >> 1) & 1);
-    if (c->max_plaintext + PD_RECORD_HEADER + rl->explicit_iv + rl->tag > c->mtu)
+    if (pd_raw_size(rl, pd_cid_out_len(c), c->cid ? c->cid->padding : 0, c->max_plaintext) > c->mtu)
         goto format;
     if (RAND_bytes((unsigned char *)&jump, 1) != 1)
         goto nomem;
@@ -332,7 +366,7 @@ pd_conn *pd_import_association(SSL_CTX *ctx, const unsigned char *keys, size_t n
     *err = PD_ASSOC_ERR_FORMAT;
     if (len < PD_ASSOC_HEADER + PD_ASSOC_TAG || len - PD_ASSOC_HEADER - PD_ASSOC_TAG > sizeof(plain))
         return NULL;
-    if (blob[0] != PD_ASSOC_VERSION) {
+    if (blob[0] != PD_ASSOC_VERSION && blob[0] != 1) {
         *err = PD_ASSOC_ERR_VERSION;
         return NULL;
     }
@@ -366,9 +400,10 @@ pd_conn *pd_import_association(SSL_CTX *ctx, const unsigned char *keys, size_t n
     c->rto_max_us = rto_max_us;
     c->plain_limit = 1 << 20;
     c->compact = 1;
-    r = pd_assoc_parse(c, ctx, plain, body);
+    r = pd_assoc_parse(c, ctx, plain, body, blob[0]);
     OPENSSL_cleanse(plain, sizeof(plain));
     if (r != 0) {
+        pd_cid_free(c->cid);
         free(c);
         *err = r;
         return NULL;

@@ -38,6 +38,9 @@
 #define PD_MAX_EARLY_BYTES 16384
 #define PD_MAX_EPOCH1_PER_CCS 4
 #define PD_MAX_RECORD (PD_MAX_PLAINTEXT + 2048)
+#define PD_RT_CID 25                 /* tls12_cid records (RFC 9146) */
+#define PD_CID_EXT 54
+#define PD_CID_MAX 255
 
 typedef struct pd_node {
     struct pd_node *next;
@@ -113,6 +116,7 @@ typedef struct pd_conn {
     /* libssl's record layer after the handshake: the shortest protected record */
     size_t min_protected;
     size_t out_mark;                 /* where output written after OpenSSL last read begins */
+    struct pd_cid *cid;              /* Connection ID (cid.c), NULL unless offered */
 } pd_conn;
 
 /* Where pd_rl_feed puts application data: the plaintext queue (no sink),
@@ -137,6 +141,35 @@ static void pd_note_sent(pd_conn *c, const unsigned char *r);
 static int pd_retain_early(pd_conn *c, const unsigned char *d, size_t n);
 static size_t pd_min_protected(const SSL_CIPHER *cipher);
 static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len);
+/* Connection ID state (cid.c), allocated only when offered. */
+struct pd_cid {
+    struct pd_rl *xl;            /* epoch-1 keys while libssl runs the handshake */
+    unsigned int padding;        /* pad the inner plaintext to a multiple of this (0, 1: none) */
+    int negotiated;              /* both hellos carried the extension */
+    int peer_offered;            /* a server saw it in the ClientHello */
+    int failed;                  /* a record could not be translated: why the handshake failed */
+    int advanced;                /* the last datagram authenticated a record newer than any before */
+    unsigned char rx_len, tx_len;
+    unsigned char id[];          /* rx (ours, in records we receive), then tx (the peer's) */
+};
+static size_t pd_cid_out_len(const pd_conn *c);
+static size_t pd_cid_in_len(const pd_conn *c);
+static size_t pd_rec_size(const unsigned char *r, size_t avail, size_t cl);
+static int pd_cid_write(pd_conn *c, const unsigned char *in, size_t n);
+static int pd_cid_feed(pd_conn *c, const unsigned char *data, size_t len);
+static void pd_cid_free(struct pd_cid *cid);
+static void pd_cid_overhead(pd_conn *c);
+static void pd_cid_fail(pd_conn *c);
+static int pd_feed_ssl(pd_conn *c, const unsigned char *data, size_t len);
+static EVP_CIPHER_CTX *pd_raw_new(const struct pd_rl *rl, const unsigned char *key, int enc);
+static size_t pd_raw_size(const struct pd_rl *rl, size_t cl, unsigned int padding, size_t len);
+static size_t pd_raw_seal(const struct pd_rl *rl, EVP_CIPHER_CTX *ctx, const unsigned char *iv,
+                          const unsigned char *cid, size_t cl, unsigned int padding, int type,
+                          unsigned int epoch, unsigned long long seq, const void *data,
+                          size_t len, unsigned char *r);
+static long pd_raw_open(const struct pd_rl *rl, EVP_CIPHER_CTX *ctx, const unsigned char *iv,
+                        size_t cl, const unsigned char *r, size_t tot, unsigned char *dst,
+                        int *type);
 
 static BIO_METHOD *pd_bio_method = NULL;
 
@@ -215,6 +248,8 @@ static int pd_bio_write(BIO *b, const char *in, int inl)
     BIO_clear_retry_flags(b);
     if (c == NULL || inl <= 0)
         return 0;
+    if (pd_cid_out_len(c) > 0 && c->rl == NULL) /* libssl's epoch-1 records become CID records */
+        return pd_cid_write(c, (const unsigned char *)in, (size_t)inl) ? inl : -1;
     return pd_out_append(c, in, (size_t)inl) ? inl : -1;
 }
 
@@ -533,6 +568,7 @@ void pd_conn_free(pd_conn *c)
         SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN); /* keep its session cached */
     SSL_free(c->ssl);
     pd_rl_free(c->rl);
+    pd_cid_free(c->cid);
     pd_nodes_free(c->early);
     pd_nodes_free(c->in_head);
     pd_nodes_free(c->plain_head);
@@ -747,12 +783,17 @@ static int pd_handshake_step(pd_conn *c)
         c->min_protected = pd_min_protected(SSL_get_current_cipher(c->ssl));
         if (c->max_plaintext > PD_MAX_PLAINTEXT)
             c->max_plaintext = PD_MAX_PLAINTEXT;
+        pd_cid_overhead(c);
         pd_read_records(c); /* what came with, or before, the peer's Finished */
         if (c->compact && c->state == PD_STATE_ESTABLISHED && !pd_more_input(c))
             pd_handover(c, before, flight);
         pd_nodes_free(c->early);
         c->early = NULL;
-        return 1;
+        if (c->rl == NULL && c->state == PD_STATE_ESTABLISHED
+                && (pd_cid_out_len(c) > 0 || pd_cid_in_len(c) > 0)) {
+            pd_cid_fail(c); /* CID records need the engine's record layer */
+        }
+        return c->state == PD_STATE_FAILED ? PD_ERR_SSL : 1;
     }
     r = SSL_get_error(c->ssl, r);
     if (pd_fatal_alert(c->alert_received) || pd_fatal_alert(c->alert_sent))
@@ -969,6 +1010,7 @@ static int pd_is_new_hello(const unsigned char *d, size_t n)
 int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
 {
     int count = 0;
+    size_t i;
     if (len == 0 || c->state > PD_STATE_ESTABLISHED)
         return 0;
     if (c->state == PD_STATE_NEW && !c->is_server)
@@ -979,6 +1021,22 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         count = (int)pd_rl_feed(c, data, len, NULL);
         return c->state == PD_STATE_FAILED ? PD_ERR_SSL : count;
     }
+    if (pd_cid_in_len(c) > 0)
+        for (i = 0; i + PD_RECORD_HEADER <= len; ) {
+            size_t size = pd_rec_size(data + i, len - i, pd_cid_in_len(c));
+            if (size == 0)
+                break;
+            if (data[i] == PD_RT_CID)
+                return pd_cid_feed(c, data, len);
+            i += size;
+        }
+    return pd_feed_ssl(c, data, len);
+}
+
+/* pd_feed before the handover, or on libssl's record layer. */
+static int pd_feed_ssl(pd_conn *c, const unsigned char *data, size_t len)
+{
+    int count = 0;
     if (c->state == PD_STATE_NEW && c->cookies != NULL)
         return pd_feed_cookie(c, data, len);
     if (c->state != PD_STATE_ESTABLISHED
@@ -1031,9 +1089,8 @@ long pd_pull(pd_conn *c)
     size_t avail = c->out_len, take = 0;
 
     while (avail - take >= PD_RECORD_HEADER) {
-        size_t rec = PD_RECORD_HEADER
-            + (((size_t)p[take + 11] << 8) | (size_t)p[take + 12]);
-        if (rec > avail - take)
+        size_t rec = pd_rec_size(p + take, avail - take, pd_cid_out_len(c));
+        if (rec == 0)
             break;
         if (c->compact && c->rl == NULL)
             pd_note_sent(c, p + take);

@@ -41,6 +41,7 @@ struct pd_rl {
     EVP_CIPHER_CTX *enc, *dec;      /* NULL while idle: rebuilt from the keys below */
     const EVP_CIPHER *aead;
     int kind;                       /* PD_KIND_* */
+    int raw;                        /* plain AEAD, one nonce per record (CID records, cid.c) */
     unsigned int explicit_iv;       /* 8 for AES-GCM and AES-CCM, 0 for ChaCha20-Poly1305 */
     unsigned int tag;               /* 16, or 8 for CCM_8 */
     unsigned int key_len, iv_len;   /* iv_len: the fixed (implicit) part */
@@ -195,11 +196,13 @@ static void pd_prf(int sha384, const unsigned char *secret, size_t secret_len,
 static EVP_CIPHER_CTX *pd_aead_new(const struct pd_rl *rl, const unsigned char *key,
                                    const unsigned char *iv, int enc)
 {
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    EVP_CIPHER_CTX *ctx;
     unsigned char full[12];
     unsigned long long next = ((unsigned long long)rl->epoch << 48) | rl->wseq;
     int i, ok = 0;
-    if (ctx == NULL)
+    if (rl->raw)
+        return pd_raw_new(rl, key, enc);
+    if ((ctx = EVP_CIPHER_CTX_new()) == NULL)
         return NULL;
     switch (rl->kind) {
     case PD_KIND_GCM:
@@ -312,6 +315,23 @@ static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len)
     }
     if (rl->enc == NULL && !pd_rl_ready(rl))
         return PD_ERR_NOMEM;
+    if (rl->raw) {
+        size_t cl = pd_cid_out_len(c);
+        unsigned int pad = c->cid != NULL ? c->cid->padding : 0;
+        size_t size = pd_raw_size(rl, cl, pad, len);
+        if (!pd_out_reserve(c, size))
+            return PD_ERR_NOMEM;
+        c->buffers_released = 0;
+        if (!pd_raw_seal(rl, rl->enc, rl->wiv, cl ? c->cid->id + c->cid->rx_len : NULL, cl, pad,
+                         type, rl->epoch, rl->wseq, data, len, c->out + c->out_off + c->out_len)) {
+            c->ssl_error = SSL_ERROR_SSL;
+            c->state = PD_STATE_FAILED;
+            return PD_ERR_SSL;
+        }
+        rl->wseq++;
+        c->out_len += size;
+        return (int)len;
+    }
     if (!pd_out_reserve(c, PD_RECORD_HEADER + body))
         return PD_ERR_NOMEM;
     c->buffers_released = 0;
@@ -441,29 +461,37 @@ static void pd_rl_control(pd_conn *c, int type, const unsigned char *p, long len
 static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *sink)
 {
     struct pd_rl *rl = c->rl;
-    size_t off = 0;
+    size_t off = 0, cl = rl->raw ? pd_cid_in_len(c) : 0;
     long delivered = 0;
     c->buffers_released = 0; /* in use again: the server may release it later */
+    if (c->cid != NULL)
+        c->cid->advanced = 0;
     while (c->state == PD_STATE_ESTABLISHED && n - off >= PD_RECORD_HEADER) {
         const unsigned char *r = d + off;
-        size_t blen = ((size_t)r[11] << 8) | r[12];
+        size_t hdr = PD_RECORD_HEADER + (cl && r[0] == PD_RT_CID ? cl : 0), blen;
         unsigned long long seq;
         unsigned char *dst;
         pd_node *node = NULL;
         long plain;
-        if (blen > n - off - PD_RECORD_HEADER)
+        int type = r[0];
+        if (n - off < hdr)
+            break;
+        blen = ((size_t)r[hdr - 2] << 8) | r[hdr - 1];
+        if (blen > n - off - hdr)
             break; /* a cut record: the rest of the datagram cannot be framed */
-        off += PD_RECORD_HEADER + blen;
+        off += hdr + blen;
         if (r[1] != 0xFE || r[2] != 0xFD || (((unsigned int)r[3] << 8) | r[4]) != rl->epoch
-                || r[0] < SSL3_RT_ALERT || r[0] > SSL3_RT_APPLICATION_DATA
-                || blen > PD_MAX_PLAINTEXT + rl->explicit_iv + rl->tag)
+                || blen > PD_MAX_PLAINTEXT + rl->explicit_iv + rl->tag + (cl ? 256 : 0))
+            continue;
+        if (cl ? hdr == PD_RECORD_HEADER || memcmp(r + 11, c->cid->id, cl) != 0
+               : r[0] < SSL3_RT_ALERT || r[0] > SSL3_RT_APPLICATION_DATA)
             continue;
         if (rl->dec == NULL && !pd_rl_ready(rl))
             break; /* out of memory: the datagram is dropped, the association lives */
         seq = pd_seq48(r + 5);
         if (!pd_rl_fresh(rl, seq))
             continue;
-        if (r[0] != SSL3_RT_APPLICATION_DATA) {
+        if (r[0] != SSL3_RT_APPLICATION_DATA && !cl) {
             dst = pd_scratch;
         } else if (sink != NULL) {
             if (blen > sink->cap - sink->used)
@@ -477,14 +505,18 @@ static long pd_rl_feed(pd_conn *c, const unsigned char *d, size_t n, pd_sink *si
             }
             dst = node->data;
         }
-        plain = pd_rl_open(rl, rl->dec, r, blen, dst);
-        if (plain < 0) {
+        plain = rl->raw ? pd_raw_open(rl, rl->dec, rl->riv, cl, r, hdr + blen, dst, &type)
+                        : pd_rl_open(rl, rl->dec, r, blen, dst);
+        if (plain < 0 || type < SSL3_RT_ALERT || type > SSL3_RT_APPLICATION_DATA) {
             free(node);
             continue;
         }
+        if (c->cid != NULL && seq >= rl->rtop)
+            c->cid->advanced = 1;
         pd_rl_mark(rl, seq);
-        if (r[0] != SSL3_RT_APPLICATION_DATA) {
-            pd_rl_control(c, r[0], dst, plain);
+        if (type != SSL3_RT_APPLICATION_DATA) {
+            pd_rl_control(c, type, dst, plain);
+            free(node);
             continue;
         }
         pd_rl_peer_done(rl);
@@ -605,30 +637,32 @@ static int pd_take_flight(pd_conn *c, struct pd_rl *rl, EVP_CIPHER_CTX *check,
     pd_node *head = NULL, **tail = &head;
     while (flight_len - off >= PD_RECORD_HEADER) {
         const unsigned char *r = p + off;
-        size_t blen = ((size_t)r[11] << 8) | r[12];
+        size_t size = pd_rec_size(r, flight_len - off, pd_cid_out_len(c));
         unsigned int epoch = ((unsigned int)r[3] << 8) | r[4];
         pd_node *n;
-        long plain = (long)blen;
-        if (blen > flight_len - off - PD_RECORD_HEADER || epoch > 1
-                || (n = malloc(sizeof(pd_node) + 2 + blen)) == NULL)
+        long plain = (long)size - PD_RECORD_HEADER;
+        int type = r[0];
+        if (size == 0 || epoch > 1 || (n = malloc(sizeof(pd_node) + 2 + size)) == NULL)
             goto fail;
         if (epoch == 1) {
-            plain = pd_rl_open(rl, check, r, blen, n->data + 2);
+            plain = rl->raw ? pd_raw_open(rl, check, rl->wiv, r[0] == PD_RT_CID ? pd_cid_out_len(c) : 0,
+                                          r, size, n->data + 2, &type)
+                            : pd_rl_open(rl, check, r, size - PD_RECORD_HEADER, n->data + 2);
             if (plain < 0) {
                 free(n);
                 goto fail;
             }
             epoch1 = 1;
         } else {
-            memcpy(n->data + 2, r + PD_RECORD_HEADER, blen);
+            memcpy(n->data + 2, r + PD_RECORD_HEADER, (size_t)plain);
         }
-        n->data[0] = r[0];
+        n->data[0] = (unsigned char)type;
         n->data[1] = (unsigned char)epoch;
         n->len = 2 + (size_t)plain;
         n->next = NULL;
         *tail = n;
         tail = &n->next;
-        off += PD_RECORD_HEADER + blen;
+        off += size;
     }
     if (epoch1)
         rl->flight = head;
@@ -705,8 +739,9 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
 
     if (cipher == NULL || session == NULL || SSL_version(s) != DTLS1_2_VERSION
             || (rl = calloc(1, sizeof(*rl))) == NULL || !pd_aead_for(cipher, rl)
-            || c->max_plaintext + PD_RECORD_HEADER + rl->explicit_iv + rl->tag > c->mtu)
+            || pd_raw_size(rl, pd_cid_out_len(c), c->cid ? c->cid->padding : 0, c->max_plaintext) > c->mtu)
         goto keep;
+    rl->raw = pd_cid_out_len(c) > 0 || pd_cid_in_len(c) > 0;
     key_len = (size_t)EVP_CIPHER_get_key_length(rl->aead);
     rl->key_len = (unsigned int)key_len;
     rl->epoch = 1;
@@ -721,8 +756,8 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
     /* sequence numbers: after every record OpenSSL sent, pulled or not */
     run = c->out + c->out_off;
     for (off = 0; c->out_len - off >= PD_RECORD_HEADER; ) {
-        size_t len = PD_RECORD_HEADER + (((size_t)run[off + 11] << 8) | run[off + 12]);
-        if (len > c->out_len - off)
+        size_t len = pd_rec_size(run + off, c->out_len - off, pd_cid_out_len(c));
+        if (len == 0)
             goto keep;
         pd_note_sent(c, run + off);
         off += len;
@@ -735,8 +770,10 @@ static void pd_handover(pd_conn *c, size_t flight_start, size_t flight_len)
         goto keep;
     for (e = c->early; e != NULL; e = e->next) {
         size_t blen = e->len - PD_RECORD_HEADER;
+        int type;
         if (((e->data[3] << 8) | e->data[4]) == 1 && blen <= PD_MAX_PLAINTEXT + rl->explicit_iv + rl->tag
-                && pd_rl_open(rl, rl->dec, e->data, blen, pd_scratch) >= 0)
+                && (rl->raw ? pd_raw_open(rl, rl->dec, rl->riv, 0, e->data, e->len, pd_scratch, &type)
+                            : pd_rl_open(rl, rl->dec, e->data, blen, pd_scratch)) >= 0)
             pd_rl_mark(rl, pd_seq48(e->data + 5));
     }
     EVP_CIPHER_CTX_free(check);
@@ -758,6 +795,8 @@ keep:
     pd_rl_free(rl);
     c->compact = 0;
     ERR_clear_error();
+    if (pd_cid_out_len(c) > 0 || pd_cid_in_len(c) > 0)
+        pd_cid_fail(c); /* CID records need the engine's layer */
 }
 
 /* --------------------------------------------------------- introspection */

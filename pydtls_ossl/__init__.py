@@ -15,7 +15,7 @@ from .certs import (Certificate, certificate_fingerprint, fingerprints_equal, fo
                     generate_certificate, parse_fingerprint)
 from .context import DEFAULT_CIPHERS, DEFAULT_GROUPS, DtlsContext, Verify
 from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
-from .server import (ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
+from .server import (AddressChanged, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
                      ConnectionTerminated, DataReceived, DtlsServer, ServerStats)
 from .srtp import SrtpKeys, SrtpProfile
 from .stores import (AssociationStore, DirectoryAssociationStore, MemoryAssociationStore,
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Alert", "AlertDescription", "AlertReceived", "AssociationError", "CONTINUE", "Certificate", "CertificateError",
-    "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionState",
+    "AddressChanged", "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionState",
     "ConnectionTerminated", "DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DataReceived", "Dtls",
     "DtlsContext", "DtlsError", "DtlsServer", "ServerStats", "FINISHED", "FingerprintMismatch",
     "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "ResumptionWarning", "AssociationStore", "DirectoryAssociationStore", "MemoryAssociationStore",

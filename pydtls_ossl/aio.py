@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
-from .server import (Address, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
+from .server import (Address, AddressChanged, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
                      ConnectionTerminated, DataReceived, DtlsServer)
 from .sockets import Introspection
 
@@ -381,6 +381,13 @@ class AsyncDtlsServer:
                 connection = self._connections.pop(event.address, None)
                 if connection is not None:
                     connection._end(ConnectionClosed("moved to the association store"))
+            elif isinstance(event, AddressChanged):  # Connection ID: the peer moved
+                connection = self._connections.pop(event.old_address, None)
+                if connection is not None:
+                    connection.address = event.address
+                    connection._write = functools.partial(self._write, event.address)
+                    connection._close = functools.partial(self._close_peer, event.address)
+                    self._connections[event.address] = connection
         self._send_datagrams()
         self._timer.arm(self._core.get_timeout())
 

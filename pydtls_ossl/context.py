@@ -21,6 +21,7 @@ from ._ffi import check, check_ptr, drain_errors, ffi, lib
 from .certs import (CertificateSource, format_fingerprint, load_certificates,
                     load_private_key, x509_digest)
 from ._callbacks import ClientPsk, ServerPsk
+from ._cid import ConnectionIdSpec, connection_ids
 from ._callbacks import install as install_callbacks
 from ._resumption import OnNewSession, Resumption, SessionGet, SessionNew, SessionRemove
 from .stores import SessionStore
@@ -215,6 +216,15 @@ class DtlsContext:
     continue it; an import jumps the write sequence number by
     ``sequence_gap`` plus a random amount, so no nonce is ever reused.
 
+    Connection ID (RFC 9146, README "Connection ID"): ``connection_id=True``
+    (random CIDs of ``connection_id_length`` bytes, default 8), fixed
+    ``bytes`` (``b""``: send the peer's CID, ask for none), or a function
+    returning each association's CID, offers the ``connection_id`` extension;
+    once both sides agree, records carry the CID, so a server finds the
+    association when the peer's address changes. ``record_padding=N`` pads
+    the inner plaintext of CID records to a multiple of N bytes (default: no
+    padding). CIDs need ``record_layer="engine"`` and an AEAD suite.
+
     ``max_handshake_message_size`` (16 KiB) bounds what a peer can make a
     handshaking association reassemble; raise it for long certificate chains.
 
@@ -268,12 +278,19 @@ class DtlsContext:
         association_keys: Sequence[bytes] | None = None,
         sequence_gap: int = 2**20,
         max_handshake_message_size: int = 16384,
+        connection_id: ConnectionIdSpec = None,
+        connection_id_length: int | None = None,
+        record_padding: int = 0,
     ) -> None:
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together: pass both or neither")
         if record_layer not in ("engine", "openssl"):
             raise ValueError(f"record_layer must be 'engine' or 'openssl', got {record_layer!r}")
         self.record_layer = record_layer
+        self.connection_ids = connection_ids(connection_id, connection_id_length, record_padding)
+        if self.connection_ids is not None and record_layer != "engine":
+            raise ConfigurationError("connection_id needs record_layer='engine': libssl's record "
+                                     "layer has no Connection ID records")
         self.keep_peer_certificate = bool(keep_peer_certificate)
         self.association_keys = _association_keys(association_keys)
         if not isinstance(sequence_gap, int) or not 0 <= sequence_gap <= 2**40:
@@ -352,6 +369,8 @@ class DtlsContext:
                 self._load_cas(cafile, cadata)
             if self.srtp_profiles:
                 self._configure_srtp()
+            if self.connection_ids is not None:
+                check(lib.pd_ctx_enable_cid(ctx), InternalError, "cannot add the connection_id extension")
         finally:
             drain_errors()
 

@@ -122,6 +122,8 @@ class Dtls:
     checks (pins, CA) or its PSK identity has a key; False fails the
     handshake with bad_certificate or unknown_psk_identity. A server with a
     hook and no certificate verification asks certificate clients for one.
+    ``connection_id`` overrides the CID the context would choose for this
+    engine (the context must negotiate CIDs).
     """
 
     __slots__ = ("_conn", "_context", "_error", "_leftover", "_final_state", "_hook",
@@ -143,6 +145,7 @@ class Dtls:
         handshake_timeout: float | None | _Unset = _UNSET,
         verify_peer: VerifyPeer | None = None,
         session: bytes | None = None,
+        connection_id: bytes | None = None,
     ) -> None:
         self._conn: Any = _DEAD
         self._hook: Any = None
@@ -170,6 +173,15 @@ class Dtls:
             if not 0 < timeout <= 86400:
                 raise ValueError(f"handshake_timeout must be None or 0 to 86400 seconds, got {timeout}")
             conn.handshake_timeout_ns = int(timeout * 1e9)
+        cids = context.connection_ids
+        if connection_id is not None and cids is None:
+            raise ConfigurationError("connection_id= needs a context with connection_id=...")
+        if cids is not None:
+            cid = cids.new() if connection_id is None else bytes(connection_id)
+            if len(cid) > 255:
+                raise ValueError("a connection ID is at most 255 bytes")
+            check(lib.pd_set_cid(conn, cid, len(cid), cids.padding), InternalError,
+                  "cannot offer a connection ID")
         if peer_address is not None:
             if not is_server:
                 raise ValueError("peer_address (cookie exchange) is for servers")
@@ -461,6 +473,24 @@ class Dtls:
         """'engine' once the engine's own record layer carries the records, else 'openssl'."""
         return "engine" if self._conn is not _DEAD and lib.pd_compact(self._conn) else "openssl"
 
+    @property
+    def connection_id(self) -> bytes | None:
+        """The CID the peer puts in records it sends us (RFC 9146), once negotiated;
+        ``b""`` when we asked for none; None when no CID was negotiated."""
+        return self._cid(0)
+
+    @property
+    def peer_connection_id(self) -> bytes | None:
+        """The CID we put in records we send, as the peer asked; None when no CID was negotiated."""
+        return self._cid(1)
+
+    def _cid(self, which: int) -> bytes | None:
+        if self._conn is _DEAD:
+            return None
+        out = ffi.new("const unsigned char **")
+        n = lib.pd_get_cid(self._conn, which, out)
+        return None if n < 0 else bytes(ffi.buffer(out[0], n))
+
     def version(self) -> str | None:
         """Negotiated protocol, e.g. 'DTLSv1.2', or None before the handshake."""
         conn = self._after_handshake()
@@ -728,6 +758,10 @@ class Dtls:
                                     lib.X509_V_ERR_CERT_REJECTED)
         if conn.hook_refused == 2:
             return HandshakeError("PSK identity refused by verify_peer", reasons, sent)
+        if lib.pd_cid_failed(conn):
+            return HandshakeError("handshake failed: Connection ID records need an AEAD suite "
+                                  "on the engine's record layer (AES-GCM, AES-CCM, ChaCha20-Poly1305)",
+                                  reasons, sent)
         if conn.deadline_passed or any("timeout" in r for r in reasons):
             return Dtls._timeout_error(conn, reasons, sent)
         if conn.srtp_refused:

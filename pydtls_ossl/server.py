@@ -25,7 +25,7 @@ from .context import DtlsContext, address_parts
 from .engine import ConnectionState, Dtls
 from .stores import AssociationStore
 
-__all__ = ["ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionTerminated",
+__all__ = ["AddressChanged", "ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionTerminated",
            "DataReceived", "DtlsServer",
            "PeerPins", "ServerEvent", "ServerStats", "ServerVerifyPeer"]
 
@@ -47,6 +47,7 @@ _NEW_HELLO = lib.PD_NEW_HELLO
 _HELLO_VALID = lib.PD_HELLO_VALID
 _ESTABLISHED = lib.PD_STATE_ESTABLISHED
 _FAILED = lib.PD_STATE_FAILED
+_CID_RECORD = b"\x19"  # tls12_cid (RFC 9146)
 
 
 def _has_protected_record(datagram: bytes) -> bool:
@@ -103,8 +104,19 @@ class ConnectionRestored:
     psk_identity: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AddressChanged:
+    """A peer's records now come from ``address`` (RFC 9146 §6): a record carrying its
+    Connection ID authenticated from there and was newer than any before. Replies go
+    to the new address from now on."""
+
+    address: Address
+    old_address: Address
+    connection_id: bytes
+
+
 ServerEvent = Union[ConnectionEstablished, DataReceived, ConnectionTerminated, ConnectionEvicted,
-                    ConnectionRestored]
+                    ConnectionRestored, AddressChanged]
 
 
 @dataclass(slots=True)
@@ -123,11 +135,12 @@ class ServerStats:
     restored: int = 0
     restore_failed: int = 0  # blobs that did not open (logged), or a store that failed
     records_dropped: int = 0  # a peer's records past max_queued_records unread events
+    address_changes: int = 0  # peers that moved to a new address by Connection ID
 
 
 class _Peer:
     __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
-                 "generation", "dirty", "replacement", "replacement_deadline")
+                 "generation", "dirty", "replacement", "replacement_deadline", "cid")
 
     def __init__(self, address: Address, engine: Dtls, deadline: float) -> None:
         self.address = address
@@ -140,6 +153,7 @@ class _Peer:
         self.dirty = False
         self.replacement: Dtls | None = None
         self.replacement_deadline = 0.0
+        self.cid: bytes | None = None  # ours, once negotiated (non-empty): the routing key
 
 
 class DtlsServer:
@@ -163,6 +177,12 @@ class DtlsServer:
     mismatch fails that handshake with bad_certificate. ``verify_peer(address,
     fingerprint, psk_identity) -> bool`` has the last word on each peer's
     certificate (after its pin) or PSK identity; False fails the handshake.
+
+    Connection ID (``DtlsContext(connection_id=True)`` or a function): each
+    peer gets its own CID; a CID record is routed by it, whatever its source
+    address, and one that authenticates and is newer than any before moves
+    the peer to that address (``AddressChanged``). With an association store,
+    a peer with a CID is stored under it, so it is found from any address.
     """
 
     def __init__(self, context: DtlsContext, *, max_handshakes: int = 1024,
@@ -228,6 +248,12 @@ class DtlsServer:
         self._hvr = ffi.new("unsigned char[]", lib.PD_HVR_LEN)
         self._hvr_chars = ffi.cast("char *", self._hvr)  # unpacks to bytes, not ints
         self._foreign: deque[tuple[Address, bytes]] = deque()
+        ids = context.connection_ids
+        if ids is not None and not ids.generated and ids.length:
+            raise ConfigurationError("a DtlsServer gives each peer its own Connection ID: use "
+                                     "connection_id=True, connection_id_length=N or a function")
+        self._cid_ids = ids
+        self._cids: dict[bytes, _Peer] = {}
         #: Called (from the sending thread) by ``send_threadsafe()``; drivers set it.
         self.wakeup: Callable[[], None] | None = None
 
@@ -235,6 +261,8 @@ class DtlsServer:
 
     def feed(self, datagram: bytes, address: Address) -> None:
         """Process one datagram received from ``address``. Never raises for its content."""
+        if self._cid_ids is not None and datagram[:1] == _CID_RECORD and self._feed_cid(datagram, address):
+            return
         peer = self._peers.get(address)
         if peer is None:
             if self.association_store is not None and _has_protected_record(datagram):
@@ -263,6 +291,49 @@ class DtlsServer:
         if peer.conn.out_len and not peer.dirty:
             peer.dirty = True
             self._dirty.append(peer)
+
+    def _feed_cid(self, datagram: bytes, address: Address) -> bool:
+        """Route a CID record by its CID; True when it was handled here (a peer that
+        lives at another address, or one in the store). RFC 9146 §6: only a record
+        that authenticates and is newer than any seen moves the peer."""
+        size = self._cid_ids.length if self._cid_ids is not None else None
+        if not size or len(datagram) < 13 + size:
+            return False
+        cid = datagram[11:11 + size]
+        peer = self._cids.get(cid)
+        if peer is None:
+            if self.association_store is not None and address not in self._peers:
+                self._restore_cid(cid, datagram, address)
+                return True
+            return False
+        if peer.address == address:
+            return False  # the usual path, by address
+        n = _pd_feed(peer.conn, datagram, len(datagram))
+        if lib.pd_cid_advanced(peer.conn) and peer.conn.state == _ESTABLISHED:
+            self._move(peer, address)
+        if n > 0:
+            peer.last_seen = self._clock()
+            self._queue_records(peer)
+        elif n < 0 or peer.conn.state > _ESTABLISHED:
+            self._ended_by_peer(peer)
+            return True
+        if peer.conn.out_len and not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+        return True
+
+    def _move(self, peer: _Peer, address: Address) -> None:
+        old = peer.address
+        other = self._peers.get(address)
+        if other is not None and other is not peer:
+            # a NAT gave this address to our peer: whoever had it has left it
+            self._terminate(other, "address taken over by a Connection ID peer")
+        del self._peers[old]
+        peer.address = address
+        self._peers[address] = peer
+        self._stats.address_changes += 1
+        self._events.append(AddressChanged(address, old, peer.cid or b""))
+        self._arm(peer)
 
     def _cookie_check(self, datagram: bytes, address: Address) -> bool:
         """True for a hello with a valid cookie; otherwise answer it with a
@@ -298,8 +369,18 @@ class DtlsServer:
 
     def _new_engine(self, datagram: bytes, address: Address) -> Dtls | None:
         hook = self.verify_peer
+        cid = None
+        if self._cid_ids is not None and self._cid_ids.generated:
+            for _ in range(8):  # random CIDs collide only by bad luck; a function may repeat itself
+                cid = self._cid_ids.new()
+                if cid not in self._cids:
+                    break
+            else:
+                _log.warning("pydtls_ossl: connection_id function keeps returning CIDs in use")
+                self._stats.refused_by_limit += 1
+                return None
         try:
-            engine = Dtls(is_server=True, context=self.context,
+            engine = Dtls(is_server=True, context=self.context, connection_id=cid,
                           expected_peer_fingerprint=self._pins_for(address),
                           verify_peer=None if hook is None else (
                               lambda fingerprint, identity: hook(address, fingerprint, identity)),
@@ -342,6 +423,7 @@ class DtlsServer:
         if peer.conn.state == lib.PD_STATE_ESTABLISHED:
             peer.engine._drop_hook()
             peer.established = True
+            self._register_cid(peer)
             self._handshaking -= 1
             self._stats.handshakes_completed += 1
             self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint(),
@@ -599,6 +681,24 @@ class DtlsServer:
 
     # ---------------------------------------------------- association store
 
+    def _register_cid(self, peer: _Peer) -> None:
+        cid = peer.engine.connection_id
+        if cid:
+            peer.cid = cid
+            self._cids[cid] = peer
+
+    def _forget_cid(self, peer: _Peer) -> None:
+        if peer.cid is not None and self._cids.get(peer.cid) is peer:
+            del self._cids[peer.cid]
+
+    @staticmethod
+    def cid_store_key(cid: bytes) -> bytes:
+        """The association store's key (and the blob's binding) for a peer with a Connection ID."""
+        return b"cid:" + bytes(cid).hex().encode()
+
+    def _key_for(self, peer: _Peer) -> bytes:
+        return self.cid_store_key(peer.cid) if peer.cid else self.store_key(peer.address)
+
     @staticmethod
     def store_key(address: Address) -> bytes:
         """The association store's key (and the blob's binding) for a peer address."""
@@ -612,7 +712,7 @@ class DtlsServer:
         store = self.association_store
         if store is None or peer.replacement is not None or peer.conn.out_len or peer.conn.plain_count:
             return False
-        key = self.store_key(peer.address)
+        key = self._key_for(peer)
         try:
             blob = peer.engine.export_association(key)
         except (DtlsError, ValueError):
@@ -624,20 +724,49 @@ class DtlsServer:
                            peer.address)
             self._stats.restore_failed += 1
             del self._peers[peer.address]
+            self._forget_cid(peer)
             peer.generation += 1
             self._events.append(ConnectionTerminated(peer.address, "association store failed"))
             return True
         del self._peers[peer.address]
+        self._forget_cid(peer)
         peer.generation += 1
         self._stats.evicted += 1
         self._events.append(ConnectionEvicted(peer.address))
         return True
 
-    def _restore(self, address: Address) -> _Peer | None:
+    def _restore_cid(self, cid: bytes, datagram: bytes, address: Address) -> None:
+        """A CID record from an address with no peer: the store may hold its association.
+        It stays here only if the record authenticates; otherwise it goes back."""
+        key = self.cid_store_key(cid)
+        peer = self._restore(address, key)
+        if peer is None:
+            return
+        n = _pd_feed(peer.conn, datagram, len(datagram))
+        if not lib.pd_cid_advanced(peer.conn) or peer.conn.state != _ESTABLISHED:
+            self._events.pop()  # its ConnectionRestored: it did not happen
+            self._stats.restored -= 1
+            del self._peers[address]
+            self._forget_cid(peer)
+            peer.generation += 1
+            if peer.conn.state == _ESTABLISHED and self.association_store is not None:
+                try:
+                    self.association_store.put(key, peer.engine.export_association(key))
+                except Exception:
+                    _log.exception("pydtls_ossl: cannot put back the association of CID %s", cid.hex())
+            return
+        if n > 0:
+            self._queue_records(peer)
+        if peer.conn.out_len and not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+
+    def _restore(self, address: Address, key: bytes | None = None) -> _Peer | None:
         store = self.association_store
         if store is None or len(self._peers) >= self.max_connections:
             return None
-        key = self.store_key(address)
+        if key is None:
+            key = self.store_key(address)
         try:
             blob = store.take(key)
         except Exception:
@@ -656,6 +785,7 @@ class DtlsServer:
         peer.established = True
         peer.last_seen = self._clock()
         self._peers[address] = peer
+        self._register_cid(peer)
         self._stats.restored += 1
         self._events.append(ConnectionRestored(address, engine.get_peer_fingerprint(),
                                                engine.psk_identity()))
@@ -679,6 +809,7 @@ class DtlsServer:
 
     def _terminate(self, peer: _Peer, reason: str, error: DtlsError | None = None) -> None:
         del self._peers[peer.address]
+        self._forget_cid(peer)
         if not peer.established:
             self._handshaking -= 1
         if peer.replacement is not None:

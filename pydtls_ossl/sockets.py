@@ -22,7 +22,7 @@ from ._errors import ConnectionClosed
 from ._pump import flush, handshake, receive
 from .context import DtlsContext
 from .engine import Dtls
-from .server import (Address, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
+from .server import (Address, AddressChanged, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
                      ConnectionTerminated, DataReceived, DtlsServer)
 from .srtp import SrtpProfile
 
@@ -300,6 +300,11 @@ class DtlsListener:
                 conn = self._connections.pop(event.address, None)
                 if conn is not None:
                     conn._terminated = ConnectionTerminated(event.address, "moved to the association store")
+            elif isinstance(event, AddressChanged):  # Connection ID: the peer moved
+                conn = self._connections.pop(event.old_address, None)
+                if conn is not None:
+                    conn.address = event.address
+                    self._connections[event.address] = conn
 
     def _send_due(self) -> None:
         for datagram, address in self.core.datagrams_to_send():
