@@ -45,6 +45,9 @@ def describe(datagram: bytes) -> str:
     while offset + 13 <= len(datagram):
         kind, epoch = datagram[offset], int.from_bytes(datagram[offset + 3:offset + 5], "big")
         length = int.from_bytes(datagram[offset + 11:offset + 13], "big")
+        if kind == 25:  # tls12_cid (RFC 9146): the CID's length is not in the record
+            parts.append(f"tls12_cid[epoch {epoch}]")
+            break
         name = _RECORD_TYPES.get(kind, f"type{kind}")
         if kind == 22 and epoch == 0 and length:
             name += f"({_HANDSHAKE_TYPES.get(datagram[offset + 13], datagram[offset + 13])})"
@@ -161,6 +164,8 @@ def _context(args: argparse.Namespace, server: bool, out: TextIO) -> DtlsContext
             options["psk_keys"] = {identity: psk_key}
         else:
             options["psk"] = (identity, psk_key)
+    if args.cid is not None:
+        options["connection_id_length"] = args.cid
     if server and args.ticket_secret:
         options["ticket_secret"] = bytes.fromhex(args.ticket_secret)
     if not server:
@@ -190,6 +195,12 @@ def _report(engine: Dtls, args: argparse.Namespace, out: TextIO, who: str) -> No
         out.write(f"  SRTP profile       {profile.openssl_name}\n")
     if engine.selected_alpn_protocol():
         out.write(f"  ALPN               {engine.selected_alpn_protocol()}\n")
+    if args.cid is not None:
+        ours, theirs = engine.connection_id, engine.peer_connection_id
+        if ours is None or theirs is None:
+            out.write("  connection ID      not negotiated (the peer does not support RFC 9146)\n")
+        else:
+            out.write(f"  connection ID      ours {ours.hex() or '(none)'}, peer's {theirs.hex() or '(none)'}\n")
     length = args.keymatexportlen or (profile.keying_material_length if profile else 0)
     if length:
         label = args.keymatexport or DEMO_LABEL
@@ -284,6 +295,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keymatexport", help="export keying material with this label")
     parser.add_argument("--keymatexportlen", type=int, default=0, help="bytes of keying material")
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait (default: no limit)")
+    parser.add_argument("--cid", type=int, metavar="LEN",
+                        help="offer a Connection ID (RFC 9146) of LEN random bytes (0: send the "
+                             "peer's, want none)")
     parser.add_argument("-v", "--verbose", action="store_true", help="trace every datagram")
 
 

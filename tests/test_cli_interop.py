@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,3 +144,30 @@ def test_cli_resumes_with_sess_out_and_sess_in(tmp_path: Path) -> None:
         assert second.returncode == 0, second.stderr
         assert "session            resumed" in second.stdout
         server.wait_for("session            resumed")
+
+
+def test_cli_connection_ids() -> None:
+    port = free_udp_port()
+    with cli_server(port, "--cid", "6") as server:
+        fingerprint = server.wait_for(r"sha-256 ([0-9A-F:]+)").group(1)
+        done = cli_client(port, "--fingerprint", fingerprint, "--cid", "4", "--message", "cid", "-v")
+        assert done.returncode == 0, done.stderr
+        ours, theirs = re.search(r"connection ID +ours ([0-9a-f]+), peer's ([0-9a-f]+)",
+                                 done.stdout).groups()  # type: ignore[union-attr]
+        assert len(ours) == 8 and len(theirs) == 12
+        assert "tls12_cid[epoch 1]" in done.stderr
+        server.wait_for(f"connection ID +ours {theirs}, peer's {ours}")
+        server.wait_for("peer gone")
+
+
+def test_cli_cid_with_a_peer_without_cid(tmp_path: Path, certs: Any) -> None:
+    openssl = require_tool("openssl")
+    port = free_udp_port()
+    cert, key = tmp_path / "s.pem", tmp_path / "s.key"
+    certs.server.write(cert, key)
+    with PeerProcess([openssl, "s_server", "-dtls1_2", "-accept", f"127.0.0.1:{port}",
+                      "-cert", str(cert), "-key", str(key)]) as server:
+        server.wait_for("ACCEPT")
+        done = cli_client(port, "--fingerprint", certs.server.fingerprint(), "--cid", "4",
+                          "--message", "x", "--timeout", "3")
+        assert "connection ID      not negotiated" in done.stdout, done.stdout + done.stderr

@@ -273,3 +273,19 @@ def test_openssl_client_with_our_cid_server(pems: dict[str, Path], certs: Any) -
         done.set()
         listener.close()
         thread.join(5)
+
+
+def test_cli_client_prints_the_cids_wolfssl_negotiated(wolf_ready: None, pems: dict[str, Path],
+                                                       certs: Any) -> None:
+    import subprocess
+    import sys
+    with wolfssl.WolfPeer("server", cert=pems["server_cert"], key=pems["server_key"],
+                          cid=b"\xde\xad\xbe\xef", timeout=20) as server:
+        done = subprocess.run([sys.executable, "-m", "pydtls_ossl", "client", "127.0.0.1",
+                               str(server.port), "--fingerprint", certs.server.fingerprint(),
+                               "--cid", "4", "--message", "via the cli", "--timeout", "10"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        hs = server.expect_handshake()
+        assert f"connection ID      ours {hs.tx_cid.hex()}, peer's deadbeef" in done.stdout
+        assert "received 16 bytes: b'echo:via the cli'" in done.stdout
