@@ -405,6 +405,28 @@ class Ours:
         one_record_each_way(client, kept[-1])
         return rate
 
+    def cid_records(self, seconds: float, size: int, cid_len: int) -> float:
+        """Records one way with Connection IDs of ``cid_len`` bytes both ways (0: none
+        negotiated), the same loop as ``records``: the per-record cost of CID records."""
+        cids = {"connection_id_length": cid_len} if cid_len else {}
+        sctx = DtlsContext(self.cert_pem, self.key_pem, ciphers=CIPHER, groups=GROUPS,
+                           session_cache=False, **cids)
+        self.cctx = DtlsContext(cadata=self.cert_pem, ciphers=CIPHER, groups=GROUPS, **cids)
+        client, server = self._handshake_pair(sctx)
+        if (client.peer_connection_id or b"") != (server.connection_id or b"") or \
+                len(server.connection_id or b"") != cid_len:
+            raise RuntimeError("connection IDs not negotiated as asked")
+        write, pull, feed, read = client.write, client.pull, server.feed, server.read
+        data = b"x" * size
+
+        def thousand() -> int:
+            for _ in range(1000):
+                write(data)
+                feed(pull())  # type: ignore[arg-type]
+                read()
+            return 1000
+        return timed_rate(thousand, seconds)
+
     def sealed_bytes(self, suite: str) -> int:
         return len(self.association_pair(suite)[1].export_association(BINDING))
 
@@ -483,6 +505,17 @@ def instructions(cols: Columns, workdir: Path) -> None:
                              (f"  export, {name}",
                               per["association_moves"] - per["association_imports"])):
             print(f"{label:<32}  {'n/a':>12}  {value:>12,.0f}  {'n/a':>6}  {'n/a':>12}  {'n/a':>6}")
+    print("connection ID (ours only; RFC 9146 records, 8-byte CIDs both ways, AES-128-GCM):")
+    for size in (100, 1163 - 9):
+        per = {}
+        for cid_len in (0, 8):
+            totals = [callgrind_total([sys.executable, __file__, "--count-child", "cid_records", str(n),
+                                       cert, key, str(size), str(cid_len)], workdir) for n in (2000, 6000)]
+            per[cid_len] = (totals[1] - totals[0]) / 4000
+            print(f"  [cid {size} B, {cid_len}: done]", file=sys.stderr, flush=True)
+        for label, value in ((f"  record {size} B, no CID", per[0]), (f"  record {size} B, CID", per[8])):
+            print(f"{label:<32}  {'n/a':>12}  {value:>12,.0f}  {'n/a':>6}  {'n/a':>12}  {'n/a':>6}")
+        print(f"{'  CID / no CID':<32}  {'':>12}  {per[8] / per[0]:>12.2f}")
     print("ratio = C instructions / column instructions (1.00x: as lean as the C loop)")
     print("association import: Dtls.import_association of one blob, engines kept; export: a move\n"
           "  (export, then import of its blob) less an import, so it includes freeing the engine")

@@ -31,7 +31,8 @@ __all__ = ["Finding", "Target", "TARGET_MODULES", "get", "register", "targets"]
 
 #: Modules whose import registers targets, in listing order.
 TARGET_MODULES = ("pydtls_ossl.fuzz.targets_engine", "pydtls_ossl.fuzz.targets_server",
-                  "pydtls_ossl.fuzz.targets_text", "pydtls_ossl.fuzz.targets_blobs")
+                  "pydtls_ossl.fuzz.targets_text", "pydtls_ossl.fuzz.targets_blobs",
+                  "pydtls_ossl.fuzz.targets_cid")
 
 
 class Finding(AssertionError):

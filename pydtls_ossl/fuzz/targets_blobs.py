@@ -106,7 +106,7 @@ def _association_seeds() -> dict[str, bytes]:
     blob, _ = _genuine()
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0x01
-    return {"genuine": blob, "truncated": blob[:40], "version-2": b"\x02" + blob[1:],
+    return {"genuine": blob, "truncated": blob[:40], "next-version": bytes([blob[0] + 1]) + blob[1:],
             "empty": b"", "flipped": bytes(flipped)}
 
 
