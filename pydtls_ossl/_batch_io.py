@@ -177,6 +177,7 @@ class BatchIO(PlainIO):
     # --------------------------------------------------------------- send
 
     def _key(self, address: Address) -> bytes:
+        key: bytes
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         if family == socket.AF_INET:
             key = (struct.pack("=H", family) + address[1].to_bytes(2, "big")
@@ -186,7 +187,7 @@ class BatchIO(PlainIO):
             flow = address[2] if len(address) > 2 else 0
             scope = address[3] if len(address) > 3 else 0
             if scope == 0 and "%" in address[0]:
-                scope = socket.getaddrinfo(address[0], address[1], socket.AF_INET6)[0][4][3]
+                scope = int(socket.getaddrinfo(address[0], address[1], socket.AF_INET6)[0][4][3])  # type: ignore[misc]
             key = (struct.pack("=H", family) + address[1].to_bytes(2, "big") + flow.to_bytes(4, "big")
                    + socket.inet_pton(family, host) + struct.pack("=I", scope))
         if len(self._keys) >= _NAMES_MAX:

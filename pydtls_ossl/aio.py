@@ -139,6 +139,8 @@ class AsyncDtlsConnection(Introspection):
 
     async def recv(self) -> bytes:
         """The next record's plaintext; ``ConnectionClosed`` once the association ends."""
+        if self._received:  # the common case on a server: already delivered
+            return self._received.popleft()
         while True:
             try:
                 data = self._next()
@@ -172,14 +174,13 @@ class AsyncDtlsConnection(Introspection):
         await asyncio.sleep(0)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+        return self
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                yield await self.recv()
-            except ConnectionClosed:
-                return
+    async def __anext__(self) -> bytes:  # no async generator between the loop and recv()
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
 
     async def __aenter__(self) -> AsyncDtlsConnection:
         return self
@@ -303,7 +304,7 @@ class _ServerProtocol(asyncio.DatagramProtocol):
         self.server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.server._transport = transport  # type: ignore[assignment]
+        self.server._transport = transport
         _read_size(transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -454,7 +455,12 @@ class AsyncDtlsServer:
     def _after_io(self) -> None:
         burst = 0
         for event in self._core.events():
-            if isinstance(event, (ConnectionEstablished, ConnectionRestored)):
+            if type(event) is DataReceived:  # the common case first
+                connection = self._connections.get(event.address)
+                if connection is not None:
+                    connection._deliver(event.data, self._max_queued)
+                    burst += 1
+            elif isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self._core.connection(event.address)
                 assert engine is not None
                 address = event.address
@@ -465,11 +471,6 @@ class AsyncDtlsServer:
                 task = self._loop.create_task(self._run_handler(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            elif isinstance(event, DataReceived):
-                connection = self._connections.get(event.address)
-                if connection is not None:
-                    connection._deliver(event.data, self._max_queued)
-                    burst += 1
             elif isinstance(event, ConnectionTerminated):
                 connection = self._connections.pop(event.address, None)
                 if connection is not None:
