@@ -359,6 +359,18 @@ uint64_t SSL_set_options(SSL *, uint64_t);
 #define SSL_OP_NO_TICKET ...
 """
 
+# ---- batched datagram I/O (csrc/io.c): recvmmsg/sendmmsg, UDP GSO/GRO; used by the
+# socket surfaces through pydtls_ossl/_batch_io.py. Kept apart from the OpenSSL blocks.
+IO = """
+#define PD_IO_ADDR_LEN ...
+#define PD_IO_CHUNK ...
+int pd_io_available(void);
+int pd_io_recv(int, char *, int, int, int *, int *, unsigned char *, int, int *);
+int pd_io_send(int, const char *, const int *, const unsigned char *, int, int, int *);
+"""
+IO_SOURCES = ("io.c",)
+# ---- end of batched datagram I/O
+
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
            "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h",
@@ -373,7 +385,8 @@ def _source() -> str:
         "#endif\n"
     )
     sources = "".join((HERE / "csrc" / name).read_text()
-                      for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c"))
+                      for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c")
+                      + IO_SOURCES)
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 
@@ -395,7 +408,7 @@ def _sanitizers() -> list[str]:
 
 SANITIZE = _sanitizers()
 ffi = FFI()
-ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS + ASSOCIATION)
+ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS + ASSOCIATION + IO)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

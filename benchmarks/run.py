@@ -9,6 +9,11 @@ under an interpreter that has pyOpenSSL, preferring one on the same libssl.
 Columns are measured in alternating rounds and the median is reported, since
 a shared machine's speed drifts. Ratios are column / C. Nothing is asserted.
 
+The last section, over the wire, is ``wire.py``: echo servers on 127.0.0.1
+(a C libssl server, the plain ``DtlsServer`` loop, the loop over the batch
+helper, ``aio.serve``, ``DtlsContext.listen()``) under a C load generator;
+``--no-wire`` skips it.
+
 Rows that only pydtls_ossl has (the C and pyOpenSSL columns print n/a):
 idle peers and evicted peers through the server core, measured with the
 ``DtlsServer`` alone in a child process (``--core-child``) fed over pipes by
@@ -927,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--core-peers", type=int, help="peers for the server-core scale row")
     parser.add_argument("--idle-peers", type=int, help="peers for the idle rows through the core")
     parser.add_argument("--evict-peers", type=int, help="PSK peers for the eviction rows")
+    parser.add_argument("--no-wire", action="store_true",
+                        help="skip the over-the-wire section (wire.py: real UDP on loopback)")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per operation under callgrind instead of timing")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
@@ -1102,6 +1109,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio_p = ratio(p, c) if ratios and c is not None and "KB" not in unit else ""
         print(f"{name:<{width}}  {fmt(c, unit):>11}  {fmt(o, unit):>11}  {ratio_o:>6}  "
               f"{fmt(p, unit):>10}  {ratio_p:>6}  {target}")
+    if not args.no_wire:
+        from wire import run as wire_run  # benchmarks/wire.py, beside this file
+        print()
+        for line in wire_run(quick):
+            print(line)
     return 0
 
 

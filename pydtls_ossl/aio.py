@@ -1,7 +1,11 @@
 """asyncio surface: ``await connect(...)`` and ``await serve(handler, ...)``.
 
-Both are ``DatagramProtocol`` drivers of the sans-IO engine and server core:
-feed what arrives, send what is queued, re-arm one ``loop.call_at`` timer.
+Both drive the sans-IO engine and server core: feed what arrives, send what
+is queued, re-arm one ``loop.call_at`` timer. The client is a
+``DatagramProtocol``; on Linux the server reads its socket with
+``loop.add_reader`` and ``recvmmsg`` (one trip per batch of datagrams from the
+socket to the core and back out through ``sendmmsg``), elsewhere (or with
+``batch_io=False``) it is a ``DatagramProtocol`` too.
 Memory stays bounded: a client reads straight from the engine (which keeps at
 most 1 MiB unread), a server connection keeps at most ``max_queued_records``
 unread records and drops newer ones, as a full UDP socket buffer would.
@@ -18,6 +22,7 @@ import socket
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from ._batch_io import BatchIO, datagram_io
 from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
@@ -134,6 +139,8 @@ class AsyncDtlsConnection(Introspection):
 
     async def recv(self) -> bytes:
         """The next record's plaintext; ``ConnectionClosed`` once the association ends."""
+        if self._received:  # the common case on a server: already delivered
+            return self._received.popleft()
         while True:
             try:
                 data = self._next()
@@ -167,14 +174,13 @@ class AsyncDtlsConnection(Introspection):
         await asyncio.sleep(0)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+        return self
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                yield await self.recv()
-            except ConnectionClosed:
-                return
+    async def __anext__(self) -> bytes:  # no async generator between the loop and recv()
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
 
     async def __aenter__(self) -> AsyncDtlsConnection:
         return self
@@ -298,7 +304,7 @@ class _ServerProtocol(asyncio.DatagramProtocol):
         self.server = server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.server._transport = transport  # type: ignore[assignment]
+        self.server._transport = transport
         _read_size(transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -315,6 +321,88 @@ class _ServerProtocol(asyncio.DatagramProtocol):
         self.server._flow.resume()
 
 
+class _BatchEndpoint:
+    """The server's socket without a transport: ``add_reader`` + ``recvmmsg`` in,
+    ``sendmmsg`` out. Answers what ``AsyncDtlsServer`` asks of a transport.
+
+    A full socket buffer keeps what did not go in a bounded backlog (flushed
+    when the socket is writable, ``drain()`` waiting meanwhile); past
+    ``_BACKLOG`` datagrams newer ones are dropped, as the kernel would.
+    """
+
+    _BACKLOG = 4096
+    _PER_ITERATION = 256  # datagrams read per loop iteration: timers and handlers get their turn
+
+    def __init__(self, server: AsyncDtlsServer, sock: socket.socket, io: BatchIO) -> None:
+        self._server, self._sock, self._io = server, sock, io
+        self._fd = sock.fileno()
+        self._loop = server._loop
+        self._backlog: deque[tuple[bytes, Address]] = deque()
+        self._closing = False
+        self.dropped = 0
+        self._loop.add_reader(self._fd, self._readable)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "sockname":
+            return self._sock.getsockname()
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def _readable(self) -> None:
+        server = self._server
+        try:
+            got = self._io.receive(server._core.feed, self._PER_ITERATION)
+        except OSError as exc:
+            _log.debug("DTLS server socket error: %s", exc)
+            return
+        if got:
+            server._after_io()
+
+    def send_many(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        if self._backlog:
+            self._queue(datagrams)
+            return
+        sent = self._io.send(datagrams)
+        if sent < len(datagrams):
+            self._queue(datagrams[sent:])
+            self._loop.add_writer(self._fd, self._writable)
+            self._server._flow.pause()
+
+    def sendto(self, data: bytes, address: Address) -> None:
+        self.send_many([(data, address)])
+
+    def _queue(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        room = self._BACKLOG - len(self._backlog)
+        if room < len(datagrams):
+            self.dropped += len(datagrams) - max(room, 0)
+            datagrams = datagrams[:max(room, 0)]
+        self._backlog.extend(datagrams)
+
+    def _writable(self) -> None:
+        pending = list(self._backlog)
+        self._backlog.clear()
+        sent = self._io.send(pending)
+        if sent < len(pending):
+            self._backlog.extend(pending[sent:])
+            return
+        self._loop.remove_writer(self._fd)
+        self._server._flow.resume()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if self._backlog:
+            self._loop.remove_writer(self._fd)
+            self._backlog.clear()
+        self._sock.close()
+
+
 Handler = Callable[[AsyncDtlsConnection], Awaitable[None]]
 
 
@@ -329,7 +417,10 @@ class AsyncDtlsServer:
             raise ValueError("export_on_close needs association_store=")
         self._export_on_close = export_on_close
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: Any = None  # a DatagramTransport, or a _BatchEndpoint
+        self._batched = False
+        self._burst = 0  # records the last input delivered: > 1 gathers the replies
+        self._flush_pending = False
         self._timer = _Timer(self._loop, self._on_timer)
         self._flow = _FlowControl()
         self._connections: dict[Address, AsyncDtlsConnection] = {}
@@ -356,9 +447,20 @@ class AsyncDtlsServer:
         assert self._transport is not None
         return self._transport.get_extra_info("sockname")
 
+    @property
+    def batched(self) -> bool:
+        """Whether the socket is read and written with recvmmsg/sendmmsg."""
+        return self._batched
+
     def _after_io(self) -> None:
+        burst = 0
         for event in self._core.events():
-            if isinstance(event, (ConnectionEstablished, ConnectionRestored)):
+            if type(event) is DataReceived:  # the common case first
+                connection = self._connections.get(event.address)
+                if connection is not None:
+                    connection._deliver(event.data, self._max_queued)
+                    burst += 1
+            elif isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self._core.connection(event.address)
                 assert engine is not None
                 address = event.address
@@ -369,10 +471,6 @@ class AsyncDtlsServer:
                 task = self._loop.create_task(self._run_handler(conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            elif isinstance(event, DataReceived):
-                connection = self._connections.get(event.address)
-                if connection is not None:
-                    connection._deliver(event.data, self._max_queued)
             elif isinstance(event, ConnectionTerminated):
                 connection = self._connections.pop(event.address, None)
                 if connection is not None:
@@ -388,6 +486,7 @@ class AsyncDtlsServer:
                     connection._write = functools.partial(self._write, event.address)
                     connection._close = functools.partial(self._close_peer, event.address)
                     self._connections[event.address] = connection
+        self._burst = burst
         self._send_datagrams()
         self._timer.arm(self._core.get_timeout())
 
@@ -404,7 +503,14 @@ class AsyncDtlsServer:
 
     def _write(self, address: Address, data: bytes) -> int:
         n = self._core.send(address, data)
-        self._send_datagrams()
+        if self._burst > 1 and self._batched:
+            # several handlers were woken by one batch: their replies leave together,
+            # in one sendmmsg after they all ran (the next loop iteration)
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._send_datagrams)
+        else:
+            self._send_datagrams()  # nothing else is coming: straight out
         return n
 
     def _close_peer(self, address: Address) -> None:
@@ -412,10 +518,17 @@ class AsyncDtlsServer:
         self._after_io()
 
     def _send_datagrams(self) -> None:
-        if self._transport is None or self._transport.is_closing():
+        self._flush_pending = False
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._batched:
+            datagrams = self._core.datagrams_to_send()
+            if datagrams:
+                transport.send_many(datagrams)
             return
         for datagram, address in self._core.datagrams_to_send():
-            self._transport.sendto(datagram, address)
+            transport.sendto(datagram, address)
 
     def _on_timer(self) -> None:
         self._core.handle_timeout()
@@ -465,7 +578,8 @@ class AsyncDtlsServer:
 
 async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
                 max_queued_records: int = 1024, export_on_close: bool = False,
-                reuse_port: bool = False, **limits: Any) -> AsyncDtlsServer:
+                reuse_port: bool = False, batch_io: bool | None = None,
+                **limits: Any) -> AsyncDtlsServer:
     """Serve DTLS on ``host:port`` (IPv4 or IPv6), like ``asyncio.start_server``.
 
     ``limits`` go to ``DtlsServer`` (``max_handshakes``, ``idle_timeout``,
@@ -476,9 +590,29 @@ async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
     ``serve_forever()``) instead of closing it, for a restart the peers never see.
     ``reuse_port`` sets SO_REUSEPORT: several processes serve one port (give them
     one ``cookie_secret`` and one association store; see examples/cluster.py).
+    ``batch_io``: None (the default) reads and writes the socket in batches
+    (``recvmmsg``/``sendmmsg``) where the platform has them, unless
+    ``PYDTLS_OSSL_BATCH_IO=0``; False keeps asyncio's datagram transport.
     """
     server = AsyncDtlsServer(handler, context, max_queued_records, limits, export_on_close)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if batch_io is not False:
+        infos = await server._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            io = datagram_io(sock, batch_io)
+            if isinstance(io, BatchIO):
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(infos[0][4])
+                sock.setblocking(False)
+                server._transport = _BatchEndpoint(server, sock, io)
+                server._batched = True
+                return server
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
     await server._loop.create_datagram_endpoint(lambda: _ServerProtocol(server),
                                                 local_addr=(host, port), family=family,
                                                 reuse_port=reuse_port or None)

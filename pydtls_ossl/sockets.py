@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Any
 
+from ._batch_io import datagram_io
 from ._errors import ConnectionClosed
 from ._pump import flush, handshake, receive
 from .context import DtlsContext
@@ -177,10 +178,15 @@ class DtlsListener:
     from other threads goes straight out), processes what arrived, and wakes
     the callers whose data or peer it brought. Nothing polls: a datagram is
     answered as soon as it arrives.
+
+    On Linux the socket is read and written in batches (``recvmmsg`` /
+    ``sendmmsg``: one system call for up to 64 datagrams each way);
+    ``batch_io=False``, or ``PYDTLS_OSSL_BATCH_IO=0`` in the environment,
+    keeps one ``recvfrom``/``sendto`` per datagram.
     """
 
     def __init__(self, context: DtlsContext, address: Address, *, export_on_close: bool = False,
-                 reuse_port: bool = False, **limits: Any) -> None:
+                 reuse_port: bool = False, batch_io: bool | None = None, **limits: Any) -> None:
         family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -191,6 +197,7 @@ class DtlsListener:
             self._sock.close()
             raise
         self._sock.setblocking(False)
+        self._io = datagram_io(self._sock, batch_io)
         self.core = DtlsServer(context, **limits)
         if export_on_close and self.core.association_store is None:
             self._sock.close()
@@ -270,15 +277,13 @@ class DtlsListener:
             self._pumping = False
             self._turn.notify_all()
 
+    @property
+    def batched(self) -> bool:
+        """Whether the socket is read and written with recvmmsg/sendmmsg."""
+        return self._io.batched
+
     def _receive(self) -> None:
-        for _ in range(64):  # a burst, but timers and senders get their turn
-            try:
-                datagram, address = self._sock.recvfrom(_MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # ICMP errors surface here on some platforms
-            self.core.feed(datagram, address)
+        self._io.receive(self.core.feed, 64)  # a burst, but timers and senders get their turn
 
     def _route_events(self) -> None:
         for event in self.core.events():
@@ -307,13 +312,11 @@ class DtlsListener:
                     self._connections[event.address] = conn
 
     def _send_due(self) -> None:
-        for datagram, address in self.core.datagrams_to_send():
-            try:
-                self._sock.sendto(datagram, address)
-            except (BlockingIOError, InterruptedError):
-                _log.debug("send buffer full: dropped a datagram to %s", address)
-            except OSError as exc:
-                _log.debug("cannot send to %s: %s", address, exc)
+        datagrams = self.core.datagrams_to_send()
+        if datagrams:
+            sent = self._io.send(datagrams)
+            if sent < len(datagrams):  # as a full socket buffer drops them
+                _log.debug("send buffer full: dropped %d datagrams", len(datagrams) - sent)
 
     def close(self) -> None:
         """Close every association (close_notify) and the socket; with
