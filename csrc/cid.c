@@ -311,12 +311,12 @@ static int pd_cid_write(pd_conn *c, const unsigned char *in, size_t n)
  * not open are dropped. */
 static int pd_cid_feed(pd_conn *c, const unsigned char *data, size_t len)
 {
-    struct pd_cid *cid = c->cid;
-    size_t off = 0, first, used = 0, cl = cid->rx_len;
+    struct pd_cid *cid;
+    size_t off = 0, first, used = 0, cl;
     unsigned char *buf;
     int count = 0, r;
     while (off < len && data[off] != PD_RT_CID) {
-        size_t size = pd_rec_size(data + off, len - off, cl);
+        size_t size = pd_rec_size(data + off, len - off, 0);
         if (size == 0)
             return 0;
         off += size;
@@ -328,6 +328,11 @@ static int pd_cid_feed(pd_conn *c, const unsigned char *data, size_t len)
         count += (int)pd_rl_feed(c, data + first, len - first, NULL);
         return c->state == PD_STATE_FAILED ? PD_ERR_SSL : count;
     }
+    /* the prefix may have been the hello that negotiated the CIDs (an abbreviated
+     * handshake sends ServerHello, ChangeCipherSpec and Finished together) */
+    cid = c->cid;
+    if ((cl = pd_cid_in_len(c)) == 0)
+        return count; /* no CID of ours was agreed: CID records are invalid here */
     if ((buf = malloc(len - first)) == NULL)
         return count;
     for (off = first; off < len; ) {

@@ -1021,13 +1021,13 @@ int pd_feed(pd_conn *c, const unsigned char *data, size_t len)
         count = (int)pd_rl_feed(c, data, len, NULL);
         return c->state == PD_STATE_FAILED ? PD_ERR_SSL : count;
     }
-    if (pd_cid_in_len(c) > 0)
+    if (c->cid != NULL) /* offered: CID records may come, even with the hello that agrees to them */
         for (i = 0; i + PD_RECORD_HEADER <= len; ) {
-            size_t size = pd_rec_size(data + i, len - i, pd_cid_in_len(c));
-            if (size == 0)
-                break;
+            size_t size;
             if (data[i] == PD_RT_CID)
                 return pd_cid_feed(c, data, len);
+            if ((size = pd_rec_size(data + i, len - i, 0)) == 0)
+                break;
             i += size;
         }
     return pd_feed_ssl(c, data, len);

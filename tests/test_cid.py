@@ -327,3 +327,46 @@ def test_stored_peer_is_found_by_cid_from_a_new_address(certs: Any) -> None:
     events = list(other.events())
     assert [type(e).__name__ for e in events] == ["ConnectionRestored", "DataReceived"]
     assert events[1] == DataReceived(b, b"back again") and b in other
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+def test_resumed_handshake_translates_the_servers_finished_first(certs: Any, tickets: bool) -> None:
+    """In an abbreviated handshake the server's Finished comes first: both flights still
+    go out as CID records, and the CIDs are negotiated anew."""
+    server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem, connection_id=True,
+                             session_tickets=tickets)
+    client_ctx = DtlsContext(verify="none", connection_id=b"\x31\x32")
+    first = pair_of(client_ctx, server_ctx)
+    session = first.client.session()
+    assert session is not None
+    client = Dtls(context=client_ctx, session=session)
+    server = Dtls(is_server=True, context=server_ctx)
+    epoch1: list[tuple[str, int]] = []
+    client.handshake()
+    for _ in range(20):
+        for name, src, dst, cid_len in (("client", client, server, 8), ("server", server, client, 2)):
+            for datagram in drain(src):
+                epoch1 += [(name, kind) for kind, epoch, _ in records(datagram, cid_len) if epoch]
+                dst.feed(datagram)
+        if client.handshake() and server.handshake():
+            break
+    assert client.session_reused() and server.session_reused()
+    assert epoch1[0][0] == "server" and {k for _, k in epoch1} == {25}
+    assert server.connection_id != first.server.connection_id  # a new CID for the new association
+    assert Pair(client, server).roundtrip(b"resumed") == b"resumed"
+
+
+def test_connection_id_function_embeds_a_node_id(certs: Any) -> None:
+    counter = iter(range(1000))
+    server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem,
+                             connection_id=lambda: b"N7" + next(counter).to_bytes(4, "big"))
+    server = DtlsServer(server_ctx)
+    client = Dtls(context=DtlsContext(verify="none", connection_id=b""))
+    client.handshake()
+    converse(server, client, ("192.0.2.9", 1))
+    assert client.peer_connection_id is not None and client.peer_connection_id.startswith(b"N7")
+    bad = DtlsContext(certs.server.cert_pem, certs.server.key_pem,
+                      connection_id=iter([b"\x01\x02", b"\x01\x02\x03"]).__next__)
+    Dtls(is_server=True, context=bad)
+    with pytest.raises(ConfigurationError, match="one length"):
+        Dtls(is_server=True, context=bad)
