@@ -65,8 +65,9 @@ def available() -> str | None:
     binary = peer_binary()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         return f"no wolfSSL peer at {binary}: build it with `{BUILD_COMMAND}` (as root)"
-    if SOURCE.is_file() and SOURCE.stat().st_mtime > binary.stat().st_mtime:
-        return f"the wolfSSL peer at {binary} is older than {SOURCE.name}: rebuild it with `{BUILD_COMMAND}`"
+    built_from = root_dir() / "peer" / "src" / SOURCE.name
+    if SOURCE.is_file() and (not built_from.is_file() or built_from.read_bytes() != SOURCE.read_bytes()):
+        return f"the wolfSSL peer at {binary} was not built from this {SOURCE.name}: rebuild it with `{BUILD_COMMAND}`"
     if os.geteuid() != 0:
         return f"the wolfSSL peer runs under chroot, which needs root (built by `{BUILD_COMMAND}`)"
     if shutil.which("chroot") is None:
