@@ -108,24 +108,57 @@ class AssociationStore(Protocol):
         """Forget ``key`` (no error when missing)."""
 
 
-class MemoryAssociationStore:
-    """An in-process ``AssociationStore`` (for tests, or one process's restarts of a server)."""
+def _check_age(max_age: float | None) -> float | None:
+    if max_age is not None and not max_age > 0:
+        raise ValueError("max_age is a positive number of seconds, or None for no limit")
+    return max_age
 
-    def __init__(self) -> None:
+
+class MemoryAssociationStore:
+    """An in-process ``AssociationStore`` (for tests, or one process's restarts of a server).
+
+    ``max_age`` (seconds, None: no limit): an older blob is not returned and
+    ``prune()`` forgets it, so devices that never come back do not pile up.
+    """
+
+    def __init__(self, max_age: float | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._blobs: dict[bytes, bytes] = {}
+        self._stored: dict[bytes, float] = {}
         self._lock = threading.Lock()
+        self.max_age = _check_age(max_age)
+        self._clock = clock
 
     def put(self, key: bytes, blob: bytes) -> None:
         with self._lock:
             self._blobs[bytes(key)] = bytes(blob)
+            if self.max_age is not None:
+                self._stored[bytes(key)] = self._clock()
 
     def take(self, key: bytes) -> bytes | None:
         with self._lock:
-            return self._blobs.pop(key, None)
+            blob = self._blobs.pop(key, None)
+            stored = self._stored.pop(key, None)
+        if blob is not None and stored is not None and self.max_age is not None \
+                and self._clock() - stored > self.max_age:
+            return None
+        return blob
+
+    def prune(self) -> int:
+        """Forget blobs older than ``max_age``; return how many."""
+        if self.max_age is None:
+            return 0
+        limit = self._clock() - self.max_age
+        with self._lock:
+            old = [k for k, t in self._stored.items() if t < limit]
+            for key in old:
+                del self._blobs[key], self._stored[key]
+        return len(old)
 
     def delete(self, key: bytes) -> None:
         with self._lock:
             self._blobs.pop(key, None)
+            self._stored.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -137,10 +170,13 @@ class DirectoryAssociationStore:
     ``put`` writes a temporary file, fsyncs it and renames it into place, so
     a crash leaves the old blob or the new one, never half of one; ``take``
     renames the file away before reading it, so of two processes taking one
-    key, one gets it.
+    key, one gets it. ``max_age`` (seconds, default 7 days like the Redis
+    store's ``ttl``; None: no limit): a file older than that is not returned,
+    and ``prune()`` deletes such files.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], max_age: float | None = 7 * 86400) -> None:
+        self.max_age = _check_age(max_age)
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._dir = os.fspath(self.path)
@@ -183,9 +219,29 @@ class DirectoryAssociationStore:
             return None
         try:
             with open(claimed, "rb") as f:
+                if self.max_age is not None and time.time() - os.fstat(f.fileno()).st_mtime > self.max_age:
+                    return None
                 return f.read()
         finally:
             os.unlink(claimed)
+
+    def prune(self) -> int:
+        """Delete blobs older than ``max_age`` (and leftovers of crashed writers); return how many."""
+        if self.max_age is None:
+            return 0
+        limit = time.time() - self.max_age
+        removed = 0
+        with os.scandir(self._dir) as entries:
+            for entry in entries:
+                if not (entry.name.endswith(".assoc") or entry.name.startswith(".put-")):
+                    continue
+                try:
+                    if entry.stat().st_mtime < limit:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def delete(self, key: bytes) -> None:
         try:

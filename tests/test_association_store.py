@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,28 @@ def test_10000_evicted_peers_leave_rss_where_the_empty_server_was(tmp_path: Path
         for datagram in iter(engine.pull, None):
             server.feed(datagram, address)
     assert sum(isinstance(e, DataReceived) for e in server.events()) == len(kept)
+
+
+def test_stores_forget_blobs_older_than_max_age(tmp_path: Path) -> None:
+    now = [100.0]
+    memory = MemoryAssociationStore(max_age=60, clock=lambda: now[0])
+    memory.put(b"old", b"1")
+    now[0] += 30
+    memory.put(b"new", b"2")
+    now[0] += 31
+    assert memory.take(b"old") is None  # 61 s old: never handed back
+    memory.put(b"old2", b"3")
+    now[0] += 61
+    assert memory.prune() == 2 and len(memory) == 0
+    directory = DirectoryAssociationStore(tmp_path, max_age=60)
+    directory.put(b"stale", b"x")
+    directory.put(b"fresh", b"y")
+    stale = directory._file(b"stale")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    assert directory.prune() == 1 and len(directory) == 1
+    directory.put(b"stale", b"x")
+    os.utime(directory._file(b"stale"), (time.time() - 120, time.time() - 120))
+    assert directory.take(b"stale") is None and directory.take(b"fresh") == b"y"
+    assert len(directory) == 0
+    with pytest.raises(ValueError):
+        DirectoryAssociationStore(tmp_path, max_age=0)
