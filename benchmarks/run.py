@@ -280,7 +280,11 @@ class Ours:
         return timed_rate(thousand, seconds)
 
     def records(self, seconds: float, size: int) -> float:
-        client, server = self._handshake_pair()
+        return self._one_way(*self._handshake_pair(), seconds, size)
+
+    @staticmethod
+    def _one_way(client: Dtls, server: Dtls, seconds: float, size: int) -> float:
+        """Records per second, one ``write``/``pull``/``feed``/``read`` each."""
         write, pull, feed, read = client.write, client.pull, server.feed, server.read
         data = b"x" * size
 
@@ -421,16 +425,7 @@ class Ours:
         if (client.peer_connection_id or b"") != (server.connection_id or b"") or \
                 len(server.connection_id or b"") != cid_len:
             raise RuntimeError("connection IDs not negotiated as asked")
-        write, pull, feed, read = client.write, client.pull, server.feed, server.read
-        data = b"x" * size
-
-        def thousand() -> int:
-            for _ in range(1000):
-                write(data)
-                feed(pull())  # type: ignore[arg-type]
-                read()
-            return 1000
-        return timed_rate(thousand, seconds)
+        return self._one_way(client, server, seconds, size)
 
     def sealed_bytes(self, suite: str) -> int:
         return len(self.association_pair(suite)[1].export_association(BINDING))

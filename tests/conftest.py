@@ -124,3 +124,26 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(require_tool("redis-server"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def server_ctx(certs: Certs) -> DtlsContext:
+    """A server context with the session's server certificate."""
+    return DtlsContext(certs.server.cert_pem, certs.server.key_pem)
+
+
+@pytest.fixture
+def client_ctx(certs: Certs) -> DtlsContext:
+    """A client context that trusts the server certificate as its CA."""
+    return DtlsContext(cadata=certs.server.cert_pem)
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path, certs: Certs) -> dict[str, Path]:
+    """The server and client certificates and keys as PEM files: server_cert, server_key, ..."""
+    files = {}
+    for name in ("server", "client"):
+        cert = getattr(certs, name)
+        files[f"{name}_cert"], files[f"{name}_key"] = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        cert.write(files[f"{name}_cert"], files[f"{name}_key"])
+    return files

@@ -16,16 +16,6 @@ CLIENTS, MESSAGES = 24, 8
 MODES = [pytest.param(None, id="batched"), pytest.param(False, id="fallback")]
 
 
-@pytest.fixture
-def server_ctx(certs: Any) -> DtlsContext:
-    return DtlsContext(certs.server.cert_pem, certs.server.key_pem)
-
-
-@pytest.fixture
-def client_ctx(certs: Any) -> DtlsContext:
-    return DtlsContext(cadata=certs.server.cert_pem)
-
-
 def messages(i: int) -> list[bytes]:
     return [b"%d-%d:" % (i, j) + bytes([j]) * (j * 150) for j in range(MESSAGES)]  # up to 1050 B
 

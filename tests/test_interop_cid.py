@@ -37,16 +37,6 @@ def wolf_ready() -> None:
 
 
 @pytest.fixture
-def pems(tmp_path: Path, certs: Any) -> dict[str, Path]:
-    files = {}
-    for name in ("server", "client"):
-        cert = getattr(certs, name)
-        files[f"{name}_cert"], files[f"{name}_key"] = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        cert.write(files[f"{name}_cert"], files[f"{name}_key"])
-    return files
-
-
-@pytest.fixture
 def udp() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
@@ -62,9 +52,9 @@ def udp() -> Iterator[socket.socket]:
     (b"\x01\x02\x03", b""),               # they send ours, want none
     (True, b"\x10\x20\x30\x40\x50"),      # a generated 8-byte CID
 ])
-def test_our_client_wolfssl_server(wolf_ready: None, pems: dict[str, Path], certs: Any,
+def test_our_client_wolfssl_server(wolf_ready: None, pem_files: dict[str, Path], certs: Any,
                                    udp: socket.socket, ours: Any, theirs: bytes) -> None:
-    with wolfssl.WolfPeer("server", cert=pems["server_cert"], key=pems["server_key"],
+    with wolfssl.WolfPeer("server", cert=pem_files["server_cert"], key=pem_files["server_key"],
                           cid=theirs, timeout=20) as server:
         udp.connect(("127.0.0.1", server.port))
         client = Dtls(context=DtlsContext(connection_id=ours),
@@ -85,10 +75,10 @@ def test_our_client_wolfssl_server(wolf_ready: None, pems: dict[str, Path], cert
         server.expect("CLOSED")
 
 
-def test_our_client_moves_and_wolfssl_follows(wolf_ready: None, pems: dict[str, Path],
+def test_our_client_moves_and_wolfssl_follows(wolf_ready: None, pem_files: dict[str, Path],
                                               certs: Any, udp: socket.socket) -> None:
     """NAT rebinding towards wolfSSL: our records from a new port carry its CID."""
-    with wolfssl.WolfPeer("server", cert=pems["server_cert"], key=pems["server_key"],
+    with wolfssl.WolfPeer("server", cert=pem_files["server_cert"], key=pem_files["server_key"],
                           cid=b"\x0a\x0b\x0c", timeout=20) as server:
         udp.connect(("127.0.0.1", server.port))
         client = Dtls(context=DtlsContext(connection_id=b""),
@@ -225,11 +215,11 @@ def test_spoofed_cid_record_moves_nothing(wolf_ready: None, certs: Any) -> None:
 
 # ------------------------------------------------- peers without CID
 
-def test_openssl_server_ignores_our_offer(pems: dict[str, Path], certs: Any, udp: socket.socket) -> None:
+def test_openssl_server_ignores_our_offer(pem_files: dict[str, Path], certs: Any, udp: socket.socket) -> None:
     openssl = require_tool("openssl")
     port = free_udp_port()
     with PeerProcess([openssl, "s_server", "-dtls1_2", "-accept", f"127.0.0.1:{port}",
-                      "-cert", str(pems["server_cert"]), "-key", str(pems["server_key"])]) as server:
+                      "-cert", str(pem_files["server_cert"]), "-key", str(pem_files["server_key"])]) as server:
         server.wait_for("ACCEPT")
         udp.connect(("127.0.0.1", port))
         client = Dtls(context=DtlsContext(connection_id=True),
@@ -242,11 +232,11 @@ def test_openssl_server_ignores_our_offer(pems: dict[str, Path], certs: Any, udp
         assert receive(client, udp) == b"fine\n"
 
 
-def test_gnutls_server_ignores_our_offer(pems: dict[str, Path], certs: Any, udp: socket.socket) -> None:
+def test_gnutls_server_ignores_our_offer(pem_files: dict[str, Path], certs: Any, udp: socket.socket) -> None:
     gnutls = require_tool("gnutls-serv")
     port = free_udp_port()
     with PeerProcess([gnutls, "--udp", "--echo", "-p", str(port), "--x509certfile",
-                      str(pems["server_cert"]), "--x509keyfile", str(pems["server_key"])]) as server:
+                      str(pem_files["server_cert"]), "--x509keyfile", str(pem_files["server_key"])]) as server:
         server.wait_for("listening on IPv4")
         udp.connect(("127.0.0.1", port))
         client = Dtls(context=DtlsContext(connection_id=True),
@@ -257,7 +247,7 @@ def test_gnutls_server_ignores_our_offer(pems: dict[str, Path], certs: Any, udp:
         assert receive(client, udp) == b"echo me"
 
 
-def test_openssl_client_with_our_cid_server(pems: dict[str, Path], certs: Any) -> None:
+def test_openssl_client_with_our_cid_server(pem_files: dict[str, Path], certs: Any) -> None:
     openssl = require_tool("openssl")
     context = DtlsContext(certs.server.cert_pem, certs.server.key_pem, connection_id=True)
     done = threading.Event()
@@ -275,11 +265,11 @@ def test_openssl_client_with_our_cid_server(pems: dict[str, Path], certs: Any) -
         thread.join(5)
 
 
-def test_cli_client_prints_the_cids_wolfssl_negotiated(wolf_ready: None, pems: dict[str, Path],
+def test_cli_client_prints_the_cids_wolfssl_negotiated(wolf_ready: None, pem_files: dict[str, Path],
                                                        certs: Any) -> None:
     import subprocess
     import sys
-    with wolfssl.WolfPeer("server", cert=pems["server_cert"], key=pems["server_key"],
+    with wolfssl.WolfPeer("server", cert=pem_files["server_cert"], key=pem_files["server_key"],
                           cid=b"\xde\xad\xbe\xef", timeout=20) as server:
         done = subprocess.run([sys.executable, "-m", "pydtls_ossl", "client", "127.0.0.1",
                                str(server.port), "--fingerprint", certs.server.fingerprint(),

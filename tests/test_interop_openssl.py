@@ -19,16 +19,6 @@ LABEL = "EXTRACTOR-dtls_srtp"
 KEYMAT = ["-keymatexport", LABEL, "-keymatexportlen", "60"]
 
 
-@pytest.fixture
-def pem_files(tmp_path: Path, certs: Any) -> dict[str, Path]:
-    files = {}
-    for name in ("server", "client"):
-        cert = getattr(certs, name)
-        files[f"{name}_cert"], files[f"{name}_key"] = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        cert.write(files[f"{name}_cert"], files[f"{name}_key"])
-    return files
-
-
 def test_our_client_with_openssl_s_server(pem_files: dict[str, Path], certs: Any) -> None:
     openssl = require_tool("openssl")
     port = free_udp_port()

@@ -13,16 +13,6 @@ from pydtls_ossl import ConnectionClosed, DtlsContext, Verify, aio
 from .surfaces import (BlockingEchoServer, async_echo, async_echo_client, blocking_echo_client)
 
 
-@pytest.fixture
-def server_ctx(certs: Any) -> DtlsContext:
-    return DtlsContext(certs.server.cert_pem, certs.server.key_pem)
-
-
-@pytest.fixture
-def client_ctx(certs: Any) -> DtlsContext:
-    return DtlsContext(cadata=certs.server.cert_pem)
-
-
 def blocking_client(ctx: DtlsContext, port: int, host: str = "127.0.0.1") -> Any:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = ctx.wrap_socket(socket.socket(family, socket.SOCK_DGRAM))
