@@ -5,7 +5,8 @@
 SURFACE: ``plain`` (``DtlsServer`` + a recvfrom/sendto loop), ``batch``
 (the same loop over the batch helper: recvmmsg/sendmmsg), ``aio``
 (``aio.serve``), ``listen`` (``DtlsContext.listen()``, one thread per peer);
-``aio-nobatch`` and ``listen-nobatch`` are the last two with ``batch_io=False``.
+``aio-nobatch`` and ``listen-nobatch`` are the last two with ``batch_io=False``;
+``aio2`` is ``aio`` in two SO_REUSEPORT worker processes (``pydtls_ossl.workers``).
 Prints ``port=<n>`` once bound; exits after LIFETIME seconds at most.
 Every Python server's socket gets a 4 MiB receive buffer (500 peers' requests
 at once overflow Linux's default of 208 KiB); the C server has a socket per peer.
@@ -81,18 +82,48 @@ def batch(ctx: DtlsContext, port: int) -> None:
         io.send(server.datagrams_to_send())
 
 
-def asyncio_server(ctx: DtlsContext, port: int, batch_io: bool | None) -> None:
+def asyncio_server(ctx: DtlsContext, port: int, batch_io: bool | None,
+                   reuse_port: bool = False) -> None:
     async def echo(conn: aio.AsyncDtlsConnection) -> None:
         async for message in conn:
             conn.send(message)
 
     async def main() -> None:
-        server = await aio.serve(echo, "127.0.0.1", port, context=ctx, batch_io=batch_io)
+        server = await aio.serve(echo, "127.0.0.1", port, context=ctx, batch_io=batch_io,
+                                 reuse_port=reuse_port)
         server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        ready(server.address[1])
+        if not reuse_port:
+            ready(server.address[1])
         await server.serve_forever()
 
     asyncio.run(main())
+
+
+def asyncio_workers(ctx: DtlsContext, port: int, count: int, lifetime: float) -> None:
+    """``aio`` in ``count`` processes on one port; ready once every worker has bound it."""
+    from pydtls_ossl.workers import run_workers
+    if port == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+
+    def worker(_index: int) -> None:
+        signal.signal(signal.SIGALRM, lambda *a: os._exit(0))
+        signal.alarm(int(lifetime) + 1)
+        asyncio_server(ctx, port, None, reuse_port=True)
+
+    def wait_bound(pids: list[int]) -> None:
+        import time
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # each worker's socket shows in /proc/net/udp
+            with open("/proc/net/udp") as f:
+                bound = sum(1 for line in f if f":{port:04X} " in line.split()[1] + " ")
+            if bound >= count:
+                break
+            time.sleep(0.02)
+        ready(port)
+
+    run_workers(count, worker, on_ready=wait_bound)
 
 
 def listen(ctx: DtlsContext, port: int, batch_io: bool | None) -> None:
@@ -122,6 +153,8 @@ def main() -> int:
         plain(ctx, int(port))
     elif surface == "batch":
         batch(ctx, int(port))
+    elif surface == "aio2":
+        asyncio_workers(ctx, int(port), 2, float(lifetime))
     elif surface.startswith("aio"):
         asyncio_server(ctx, int(port), False if surface.endswith("nobatch") else None)
     elif surface.startswith("listen"):
