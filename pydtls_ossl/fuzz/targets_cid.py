@@ -5,7 +5,13 @@ Input layout: the first byte picks the mode (low 2 bits) and the suite (bits
 2-3: AES-128-GCM, ChaCha20-Poly1305, AES-128-CCM_8 with PSK, AES-256-GCM).
 Modes 0 and 1 come from the peer's address, 2 and 3 from a new one: 0 and 2
 feed the rest as a datagram, 1 and 3 XOR the rest into a fresh CID record
-from the client (all zeros: the genuine record).
+from the client (all zeros: the genuine record). With bit 4 set, the victim
+is mid-handshake instead: a fresh engine pair stops just before the last
+flight of the full handshake (bit 5: the client's CKE/CCS/Finished to the
+server, or the server's CCS/Finished to the client) reaches its receiver,
+which is first fed the rest (mode 0) or that flight with the rest XORed
+into its epoch-1 (CID) records (mode 1), then the genuine flight: the
+handshake must finish and carry a record each way.
 
 What is checked on every input:
 - nothing raises, OpenSSL's error queue is empty, the association stays
@@ -32,6 +38,7 @@ _SUITES = ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305", "PS
 _PSK = ("fuzz-device", bytes(range(16)))
 _HOME = ("192.0.2.1", 5684)
 _USES = 2048
+_CID_EPOCH1 = b"\x19\xfe\xfd\x00\x01"  # a tls12_cid record header at epoch 1
 
 
 @lru_cache(maxsize=1)
@@ -123,7 +130,65 @@ def _seeds() -> dict[str, bytes]:
     return {"raw-record": b"\x00" + record, "mutate-tag": b"\x01" + bytes(len(record) - 1) + b"\x04",
             "core-replay": b"\x02" + record, "core-flipped": b"\x02" + bytes(flipped),
             "core-genuine": b"\x03", "chacha-raw": b"\x04" + record,
-            "ccm8-mutate": b"\x09" + bytes(8) + b"\x80", "empty": b""}
+            "ccm8-mutate": b"\x09" + bytes(8) + b"\x80", "empty": b"",
+            "handshake-raw": b"\x10" + record, "handshake-flipped": b"\x11" + bytes(20) + b"\x01",
+            "handshake-client": b"\x35" + bytes(30) + b"\x40"}
+
+
+def _handshake_mode(data: bytes, suite: str, what: str) -> None:
+    """The Finished translation before the handover, fed garbage or damaged CID records."""
+    head, rest = data[0], data[1:]
+    client_ctx, server_ctx = _contexts(suite)
+    client, server = Dtls(context=client_ctx), Dtls(is_server=True, context=server_ctx)
+    to_server = not head & 0x20
+    victim = server if to_server else client
+    client.handshake()
+    flight: list[bytes] = []
+    for _ in range(20):
+        out = [d for d in iter(client.pull, None)]
+        if to_server and any(_CID_EPOCH1 in d for d in out):
+            flight = out
+            break
+        for d in out:
+            server.feed(d)
+        out = [d for d in iter(server.pull, None)]
+        if not to_server and any(_CID_EPOCH1 in d for d in out):
+            flight = out
+            break
+        for d in out:
+            client.feed(d)
+        client.handshake()
+    if not flight:
+        raise Finding(f"{what}: no CID record in the last flight")
+    if head & 1:
+        damaged = []
+        for d in flight:
+            at = d.find(_CID_EPOCH1)  # the CID record (the flight's last)
+            mask = rest.ljust(len(d) - at, b"\x00")[:len(d) - at] if at >= 0 else b""
+            damaged.append(d[:at] + bytes(x ^ y for x, y in zip(d[at:], mask)) if at >= 0 else d)
+        first = damaged
+    else:
+        first = [rest]
+    try:
+        for d in first + flight:
+            victim.feed(d)
+        victim.handshake()
+    except Exception as exc:
+        raise Finding(f"{what}: {type(exc).__name__}: {exc}") from exc
+    _check_queue(what)
+    if not victim.is_handshake_finished():
+        raise Finding(f"{what}: the genuine flight after that did not finish the handshake "
+                      f"({victim.state.name})")
+    peer = client if victim is server else server
+    for d in iter(victim.pull, None):
+        peer.feed(d)
+    for src, dst in ((client, server), (server, client)):
+        src.write(b"after")
+        for d in iter(src.pull, None):
+            dst.feed(d)
+        if dst.read() != b"after":
+            raise Finding(f"{what}: the association does not carry records")
+    _check_queue(what)
 
 
 @register("cid", "Connection ID records at an established association and at the "
@@ -133,6 +198,9 @@ def cid_target(data: bytes) -> None:
     head = data[0] if data else 0
     rest = data[1:]
     mode, suite = head & 3, _SUITES[(head >> 2) & 3]
+    if head & 0x10:
+        _handshake_mode(data, suite, f"cid handshake mode {head & 0x31:#x} ({suite})")
+        return
     live = _live(suite)
     live.uses += 1
     what = f"cid mode {mode} ({suite})"
