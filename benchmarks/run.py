@@ -22,7 +22,9 @@ round of handshakes, closed again, is in the baseline (handshakes in flight
 hold memory that is no peer's), and quiet peers are released as the fake
 clock moves on, as a live server releases them. Association export/import
 rates and sealed sizes for PSK-AES128-CCM8 and pinned ECDHE-ECDSA-AES128-GCM.
-``idle_breakdown.py`` says where an idle peer's bytes go.
+``idle_breakdown.py`` says where an idle peer's bytes go. Row 9 is
+``million.py`` (PSK-AES128-CCM8 devices through one core) at 10,000 devices
+(``--quick``) or 100,000; ``python benchmarks/million.py`` runs the million.
 """
 
 from __future__ import annotations
@@ -927,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--core-peers", type=int, help="peers for the server-core scale row")
     parser.add_argument("--idle-peers", type=int, help="peers for the idle rows through the core")
     parser.add_argument("--evict-peers", type=int, help="PSK peers for the eviction rows")
+    parser.add_argument("--devices", type=int,
+                        help="PSK devices for the million-device rows (benchmarks/million.py)")
     parser.add_argument("--no-wire", action="store_true",
                         help="skip the over-the-wire section (wire.py: real UDP on loopback)")
     parser.add_argument("--instructions", action="store_true",
@@ -1095,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
         for suite, name in SUITES.items():
             row(f"   sealed bytes per association, {name}", None, ours.sealed_bytes(suite), None,
                 "<= 256 B", " B")
+        from million import million_rows  # benchmarks/million.py, beside this file
+        for million_row in million_rows(args.devices or (10_000 if quick else 100_000)):
+            row(*million_row)
 
     width = max(len(r[0]) for r in rows)
     print(f"{'metric':<{width}}  {'C':>11}  {'pydtls_ossl':>11}  {'ratio':>6}  {'pyOpenSSL':>10}  "
