@@ -498,6 +498,16 @@ static void pd_cid_fail(pd_conn *c)
     c->state = PD_STATE_FAILED;
 }
 
+/* The handshake is over: the translator's keys and contexts go (the
+ * association's own record layer has its copies). */
+static void pd_cid_handshake_done(pd_conn *c)
+{
+    if (c->cid != NULL && c->cid->xl != NULL) {
+        pd_rl_free(c->cid->xl);
+        c->cid->xl = NULL;
+    }
+}
+
 static void pd_cid_free(struct pd_cid *cid)
 {
     if (cid == NULL)

@@ -160,6 +160,7 @@ static int pd_cid_feed(pd_conn *c, const unsigned char *data, size_t len);
 static void pd_cid_free(struct pd_cid *cid);
 static void pd_cid_overhead(pd_conn *c);
 static void pd_cid_fail(pd_conn *c);
+static void pd_cid_handshake_done(pd_conn *c);
 static int pd_feed_ssl(pd_conn *c, const unsigned char *data, size_t len);
 static EVP_CIPHER_CTX *pd_raw_new(const struct pd_rl *rl, const unsigned char *key, int enc);
 static size_t pd_raw_size(const struct pd_rl *rl, size_t cl, unsigned int padding, size_t len);
@@ -793,6 +794,7 @@ static int pd_handshake_step(pd_conn *c)
                 && (pd_cid_out_len(c) > 0 || pd_cid_in_len(c) > 0)) {
             pd_cid_fail(c); /* CID records need the engine's record layer */
         }
+        pd_cid_handshake_done(c);
         return c->state == PD_STATE_FAILED ? PD_ERR_SSL : 1;
     }
     r = SSL_get_error(c->ssl, r);
