@@ -170,6 +170,53 @@ def run(quick: bool, rounds: int | None = None, window: float | None = None,
     return lines
 
 
+INSTRUCTION_SURFACES = (("plain loop", "plain"), ("batch loop", "batch"), ("aio.serve", "aio"),
+                        ("aio, no batch", "aio-nobatch"), ("listen()", "listen"),
+                        ("listen, no batch", "listen-nobatch"))
+
+
+def instructions(clients: int = 10, size: int = 100, windows: tuple[float, float] = (3.0, 9.0)) -> list[str]:
+    """Server instructions per echo under callgrind, for each Python surface: two runs
+    that differ only in the counted window, so start-up and handshakes cancel out."""
+    if shutil.which("valgrind") is None:
+        return ["wire --instructions: needs valgrind"]
+    lines = [f"Server instructions per echo (callgrind; {clients} clients x {size} B; "
+             f"runs of {windows[0]:g} s and {windows[1]:g} s, the difference):"]
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = compile_c(Path(tmp))
+        if binary is None:
+            return ["wire --instructions: no C compiler"]
+        cert = generate_certificate("wire.pydtls", key_type="ec")
+        cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert.write(cert_path, key_path)
+        for name, surface in INSTRUCTION_SURFACES:
+            totals, echoes = [], []
+            for window in windows:
+                out = Path(tmp) / f"cg.{surface}.{window}"
+                server = subprocess.Popen(
+                    ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                     str(HERE / "wire_servers.py"), surface, "0", str(cert_path), str(key_path),
+                     str(300)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                try:
+                    assert server.stdout is not None
+                    port = server.stdout.readline().strip().split("=", 1)[1]
+                    done = subprocess.run([str(binary), "client", "127.0.0.1", port, str(clients),
+                                           str(size), "3", str(window), str(server.pid)],
+                                          capture_output=True, text=True, timeout=300)
+                    stats = {k: float(v) for k, v in (f.split("=") for f in done.stdout.split())}
+                finally:
+                    server.terminate()
+                    server.wait(60)
+                echoes.append(stats["echoes"])
+                totals.append(next(int(line.split()[1]) for line in out.read_text().splitlines()
+                                   if line.startswith(("summary:", "totals:"))))
+            per = (totals[1] - totals[0]) / max(1.0, echoes[1] - echoes[0])
+            lines.append(f"  {name:<18} {per:>10,.0f} per echo ({per / 2:,.0f} per datagram), "
+                         f"{int(echoes[1] - echoes[0])} echoes apart")
+            print(f"  [wire instructions: {surface} done]", file=sys.stderr, flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes (CI)")
@@ -177,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, help="seconds counted per measurement")
     parser.add_argument("--before", action="store_true",
                         help="also the asyncio and listener surfaces without batching")
+    parser.add_argument("--instructions", action="store_true",
+                        help="server instructions per echo under callgrind instead of timing")
     args = parser.parse_args(argv)
+    if args.instructions:
+        print("\n".join(instructions()))
+        return 0
     for line in run(args.quick, args.rounds, args.window, True if args.before else None):
         print(line)
     return 0
