@@ -6,7 +6,7 @@ SURFACE: ``plain`` (``DtlsServer`` + a recvfrom/sendto loop), ``batch``
 (the same loop over the batch helper: recvmmsg/sendmmsg), ``aio``
 (``aio.serve``), ``listen`` (``DtlsContext.listen()``, one thread per peer);
 ``aio-nobatch`` and ``listen-nobatch`` are the last two with ``batch_io=False``;
-``aio2`` is ``aio`` in two SO_REUSEPORT worker processes (``pydtls_ossl.workers``).
+``aio2`` is ``aio`` in two SO_REUSEPORT worker processes (``pydtls_ossl.reuseport``).
 Prints ``port=<n>`` once bound; exits after LIFETIME seconds at most.
 Every Python server's socket gets a 4 MiB receive buffer (500 peers' requests
 at once overflow Linux's default of 208 KiB); the C server has a socket per peer.
@@ -101,7 +101,7 @@ def asyncio_server(ctx: DtlsContext, port: int, batch_io: bool | None,
 
 def asyncio_workers(ctx: DtlsContext, port: int, count: int, lifetime: float) -> None:
     """``aio`` in ``count`` processes on one port; ready once every worker has bound it."""
-    from pydtls_ossl.workers import run_workers
+    from pydtls_ossl.reuseport import run_workers
     if port == 0:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.1", 0))

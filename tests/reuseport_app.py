@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from pydtls_ossl import DtlsContext
-from pydtls_ossl.workers import serve_workers
+from pydtls_ossl.reuseport import serve_workers
 
 
 async def echo(conn: Any) -> None:

@@ -1,4 +1,4 @@
-"""SO_REUSEPORT workers: two processes serve one port, and stop together."""
+"""SO_REUSEPORT worker processes (pydtls_ossl.reuseport): two serve one port, and stop together."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 
 from pydtls_ossl import Dtls, DtlsContext
 from pydtls_ossl._pump import handshake, receive, send
-from pydtls_ossl.workers import run_workers, serve_workers
+from pydtls_ossl.reuseport import run_workers, serve_workers
 
 from .interop import free_udp_port
 
-APP = Path(__file__).with_name("workers_app.py")
+APP = Path(__file__).with_name("reuseport_app.py")
 
 
 def test_two_workers_share_a_port_and_stop_on_sigterm(pem_files: dict[str, Path], certs: Any) -> None:
