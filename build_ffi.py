@@ -359,6 +359,15 @@ uint64_t SSL_set_options(SSL *, uint64_t);
 #define SSL_OP_NO_TICKET ...
 """
 
+# DtlsServer's memory budgets (csrc/memory.c): one engine's bytes, estimated.
+MEMORY = """
+#define PD_MEM_SSL_HANDSHAKE ...
+#define PD_MEM_SSL_ESTABLISHED ...
+#define PD_MEM_SSL_RELEASED ...
+#define PD_MEM_CIPHER_CTX ...
+size_t pd_memory(const pd_conn *);
+"""
+
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
            "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h",
@@ -374,6 +383,7 @@ def _source() -> str:
     )
     sources = "".join((HERE / "csrc" / name).read_text()
                       for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c"))
+    sources += (HERE / "csrc" / "memory.c").read_text()  # after the structs it measures
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 
@@ -396,6 +406,7 @@ def _sanitizers() -> list[str]:
 SANITIZE = _sanitizers()
 ffi = FFI()
 ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS + ASSOCIATION)
+ffi.cdef(MEMORY)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),
