@@ -371,6 +371,15 @@ int pd_io_send(int, const char *, const int *, const unsigned char *, int, int, 
 IO_SOURCES = ("io.c",)
 # ---- end of batched datagram I/O
 
+# DtlsServer's memory budgets (csrc/memory.c): one engine's bytes, estimated.
+MEMORY = """
+#define PD_MEM_SSL_HANDSHAKE ...
+#define PD_MEM_SSL_ESTABLISHED ...
+#define PD_MEM_SSL_RELEASED ...
+#define PD_MEM_CIPHER_CTX ...
+size_t pd_memory(const pd_conn *);
+"""
+
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
            "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h",
@@ -385,7 +394,8 @@ def _source() -> str:
         "#endif\n"
     )
     sources = "".join((HERE / "csrc" / name).read_text()
-                      for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c")
+                      for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c",
+                                   "memory.c")  # memory.c: after the structs it measures
                       + IO_SOURCES)
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
@@ -408,7 +418,8 @@ def _sanitizers() -> list[str]:
 
 SANITIZE = _sanitizers()
 ffi = FFI()
-ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS + ASSOCIATION + IO)
+ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS
+         + ASSOCIATION + MEMORY + IO)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

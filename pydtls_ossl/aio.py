@@ -435,7 +435,7 @@ class AsyncDtlsServer:
 
     def _wake(self) -> None:
         """From any thread: send what ``core.send_threadsafe()`` queued."""
-        self._loop.call_soon_threadsafe(self._send_datagrams)
+        self._loop.call_soon_threadsafe(self._after_io)  # also applies handshake workers' results
 
     @property
     def sockets(self) -> list[socket.socket]:

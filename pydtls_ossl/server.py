@@ -6,7 +6,10 @@
 unknown address without a valid cookie is answered with a
 HelloVerifyRequest by one C call that allocates nothing, so a flood of
 spoofed hellos costs no state. Hard limits bound handshakes, connections,
-time and queued bytes; ``datagrams_to_send()`` serves peers round-robin.
+time, queued bytes and the bytes handshakes and associations hold;
+``datagrams_to_send()`` serves peers round-robin. With
+``handshake_workers=N`` the handshake steps (the public-key work) run on N
+threads while established records stay on the caller's thread.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 from ._errors import ConnectionClosed as ConnectionClosedError
-from ._errors import ConfigurationError, DtlsError, LimitExceeded
+from ._errors import ConfigurationError, DtlsError, HandshakeError, LimitExceeded
 from ._ffi import ffi, lib
+from ._workers import HandshakePool
 from .context import DtlsContext, address_parts
 from .engine import ConnectionState, Dtls
 from .stores import AssociationStore
@@ -48,6 +53,13 @@ _HELLO_VALID = lib.PD_HELLO_VALID
 _ESTABLISHED = lib.PD_STATE_ESTABLISHED
 _FAILED = lib.PD_STATE_FAILED
 _CID_RECORD = b"\x19"  # tls12_cid (RFC 9146)
+_pd_memory = lib.pd_memory
+#: What a peer's Python objects cost beside its engine's C memory (the ``_Peer``,
+#: the ``Dtls``, the cffi pointer, the address key and its timer entry; the README's
+#: idle-memory breakdown measures ~0.65 KB).
+_PY_PEER_BYTES = 650
+#: A handshaking peer's datagrams waiting for its step on a worker; more are dropped.
+_MAX_PENDING = 64
 
 
 def _has_protected_record(datagram: bytes) -> bool:
@@ -59,6 +71,34 @@ def _has_protected_record(datagram: bytes) -> bool:
             return True
         off += 13 + int.from_bytes(datagram[off + 11:off + 13], "big")
     return False
+
+
+def _clear_thread_errors() -> None:
+    if lib.ERR_peek_error():
+        lib.ERR_clear_error()  # a worker's queue is empty between steps, as a caller's is
+
+
+def _accept_step(engine: Dtls, hello: bytes) -> None:
+    """On a handshake worker: start the server handshake (our first flight: ServerHello,
+    certificate, signed key exchange). A failure raises the engine's error."""
+    try:
+        engine._accept_hello(hello)
+    finally:
+        _clear_thread_errors()
+
+
+def _feed_step(engine: Dtls, datagram: bytes) -> tuple[int, bytes]:
+    """On a handshake worker: feed a handshaking engine one datagram. A failure's error
+    is built here, from this thread's OpenSSL queue and callbacks; the caller's
+    thread finds it kept in the engine."""
+    conn = engine._conn
+    try:
+        n: int = _pd_feed(conn, datagram, len(datagram))
+        if (n < 0 and n != _NEW_HELLO) or conn.state > _ESTABLISHED:
+            engine._dead_error()
+    finally:
+        _clear_thread_errors()
+    return n, datagram
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +176,16 @@ class ServerStats:
     restore_failed: int = 0  # blobs that did not open (logged), or a store that failed
     records_dropped: int = 0  # a peer's records past max_queued_records unread events
     address_changes: int = 0  # peers that moved to a new address by Connection ID
+    handshakes_cancelled_stale: int = 0  # stale handshakes ended to admit a new hello (budget)
+    refused_handshake_memory: int = 0  # valid hellos dropped: handshake budget full, none stale
+    refused_connection_memory: int = 0  # valid hellos dropped: the established budget is full
+    handshake_memory: int = 0  # bytes handshaking peers hold now (read through DtlsServer.stats)
+    connection_memory: int = 0  # bytes established peers hold now (likewise)
 
 
 class _Peer:
     __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
-                 "generation", "dirty", "replacement", "replacement_deadline", "cid")
+                 "generation", "dirty", "replacement", "replacement_deadline", "cid", "mem")
 
     def __init__(self, address: Address, engine: Dtls, deadline: float) -> None:
         self.address = address
@@ -154,6 +199,10 @@ class _Peer:
         self.replacement: Dtls | None = None
         self.replacement_deadline = 0.0
         self.cid: bytes | None = None  # ours, once negotiated (non-empty): the routing key
+        # bytes this peer holds as last measured (pd_memory + Python objects), counted in
+        # the server's handshake or connection total; negative while its buffers are
+        # released, so the next datagram or send() knows to measure it again
+        self.mem = 0
 
 
 class DtlsServer:
@@ -183,6 +232,42 @@ class DtlsServer:
     address, and one that authenticates and is newer than any before moves
     the peer to that address (``AddressChanged``). With an association store,
     a peer with a CID is stored under it, so it is found from any address.
+
+    Memory budgets, in bytes, beside the counts: ``max_handshake_memory`` for
+    peers still shaking hands, ``max_connection_memory`` for established ones
+    (None: no byte budget). Each peer's bytes are estimated by one C call
+    (``pd_memory``: the engine's own allocations by size, plus constants
+    measured for what libssl holds in an ``SSL`` and a cipher context, see
+    ``csrc/memory.c``) and Python's per-peer objects, at each handshake step,
+    when the handshake ends, when a quiet peer releases its buffers and when
+    it gets them back. When the handshake budget cannot take a new valid
+    hello, the handshake that has been stale longest is cancelled for it
+    (``ConnectionTerminated``, ``stats.handshakes_cancelled_stale``); a
+    handshake is stale when its peer sent nothing for
+    ``handshake_stale_after`` seconds (default: the larger of 1 s and the
+    context's initial retransmission timeout). With none stale, the hello
+    is dropped (``stats.refused_handshake_memory``). A new hello is also
+    dropped when the established associations plus the handshakes in
+    progress, each at the cost of a fresh association, would pass
+    ``max_connection_memory`` (``stats.refused_connection_memory``).
+    ``stats.handshake_memory`` and ``stats.connection_memory`` give the
+    bytes now. A restarted peer's new handshake counts with its association.
+
+    Offloaded handshakes: with ``handshake_workers=N``, accepting a hello and
+    feeding a handshaking engine run on a pool of N threads (started with
+    the first handshake; cffi releases the GIL inside libssl), while
+    established peers' records are processed on the caller's thread. A
+    handshaking peer has at most one step in flight; its later datagrams wait
+    (up to 64) and are fed in arrival order after it. Results are applied on
+    the caller's thread at its next ``feed()``, ``datagrams_to_send()``,
+    ``handle_timeout()``, ``next_event()`` or ``events()``; ``wakeup`` (if
+    set) is called from the worker when one is ready. Events and datagrams
+    are the same as without workers. An engine is used by one thread at a
+    time: while its step runs, the core leaves it alone (its timers wait,
+    ``connection()`` answers None). ``verify_peer``, PSK and session
+    callbacks then run on worker threads. A step that raises fails only
+    its handshake (``ConnectionTerminated`` carrying the error).
+    ``close_all()`` stops the threads; a later handshake starts them again.
     """
 
     def __init__(self, context: DtlsContext, *, max_handshakes: int = 1024,
@@ -194,6 +279,10 @@ class DtlsServer:
                  association_store: AssociationStore | None = None,
                  evict_after: float | None = None,
                  max_queued_records: int = 4096,
+                 max_handshake_memory: int | None = None,
+                 max_connection_memory: int | None = None,
+                 handshake_stale_after: float | None = None,
+                 handshake_workers: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not context.has_certificate and context.psk_keys is None:
             raise ValueError("a DTLS server context needs cert= and key=, or psk_keys=")
@@ -221,6 +310,20 @@ class DtlsServer:
             raise ValueError("evict_after (seconds) needs an association_store and must be positive")
         if max_queued_records <= 0:
             raise ValueError("max_queued_records must be positive")
+        for name, budget in (("max_handshake_memory", max_handshake_memory),
+                             ("max_connection_memory", max_connection_memory)):
+            if budget is not None and (not isinstance(budget, int) or budget <= 0):
+                raise ValueError(f"{name} must be None or a positive number of bytes")
+        if handshake_stale_after is None:
+            handshake_stale_after = max(1.0, context.initial_rto_us / 1e6)
+        if handshake_stale_after <= 0:
+            raise ValueError("handshake_stale_after must be positive")
+        if handshake_workers is not None and (not isinstance(handshake_workers, int)
+                                              or handshake_workers < 0):
+            raise ValueError("handshake_workers must be None, 0 or a positive number of threads")
+        self.max_handshake_memory = max_handshake_memory
+        self.max_connection_memory = max_connection_memory
+        self.handshake_stale_after = handshake_stale_after
         self.max_queued_records = max_queued_records
         self.association_store = association_store
         self.evict_after = float("inf") if evict_after is None else evict_after
@@ -254,13 +357,42 @@ class DtlsServer:
                                      "connection_id=True, connection_id_length=N or a function")
         self._cid_ids = ids
         self._cids: dict[bytes, _Peer] = {}
-        #: Called (from the sending thread) by ``send_threadsafe()``; drivers set it.
+        #: Called (from the sending thread) by ``send_threadsafe()``, and from a
+        #: worker thread when a handshake step's result is ready; drivers set it.
         self.wakeup: Callable[[], None] | None = None
+        self._hs_bytes = 0  # what handshaking peers hold, by their last measurement
+        self._conn_bytes = 0  # what established peers hold
+        # the cost of a new handshake and of a new association, as last measured
+        self._hello_cost = lib.PD_MEM_SSL_HANDSHAKE + 2500 + _PY_PEER_BYTES
+        self._association_cost = (lib.PD_MEM_SSL_ESTABLISHED + 2500 if context.record_layer == "openssl"
+                                  else 2 * lib.PD_MEM_CIPHER_CTX + 3000) + _PY_PEER_BYTES
+        # handshaking peers by their last datagram's time, the quietest first
+        self._progress: dict[_Peer, float] = {}
+        # peers whose engine a worker holds, with the datagrams waiting for it
+        self._busy: dict[_Peer, deque[bytes]] = {}
+        self._doomed: set[_Peer] = set()  # close() asked while a worker held the engine
+        self._collecting = False
+        self._pool: HandshakePool | None = None
+        self._results: deque[tuple[Any, Any, BaseException | None]] = deque()
+        if handshake_workers:
+            me = weakref.ref(self)  # the threads must not keep the server alive
+
+            def notify() -> None:
+                server = me()
+                wakeup = None if server is None else server.wakeup
+                if wakeup is not None:
+                    wakeup()
+
+            self._pool = HandshakePool(handshake_workers, notify)
+            self._results = self._pool.results
+            weakref.finalize(self, self._pool.stop)
 
     # ------------------------------------------------------------- input
 
     def feed(self, datagram: bytes, address: Address) -> None:
         """Process one datagram received from ``address``. Never raises for its content."""
+        if self._results and not self._collecting:
+            self._collect()
         if self._cid_ids is not None and datagram[:1] == _CID_RECORD and self._feed_cid(datagram, address):
             return
         peer = self._peers.get(address)
@@ -271,23 +403,59 @@ class DtlsServer:
                 if self._cookie_check(datagram, address):
                     self._admit_stranger(datagram, address)
                 return
+        if not peer.established:
+            self._handshake_datagram(peer, datagram)
+            return
         if peer.replacement is not None:
             self._feed_replacement(peer, datagram)
         conn = peer.conn
         n = _pd_feed(conn, datagram, len(datagram))
+        if peer.mem < 0:
+            self._measure(peer)  # its buffers and cipher contexts came back
         if n > 0:
             peer.last_seen = self._clock()
             self._queue_records(peer)
         elif n == _NEW_HELLO:
             self._peer_restart(peer, datagram)
             return
-        if conn.state != _ESTABLISHED:
-            if n < 0 or conn.state > _ESTABLISHED:
-                self._ended_by_peer(peer)
+        if conn.state != _ESTABLISHED:  # failed, or the peer closed
+            self._ended_by_peer(peer)
+            return
+        if conn.out_len and not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+
+    def _handshake_datagram(self, peer: _Peer, datagram: bytes) -> None:
+        """A datagram for a peer still shaking hands: fed here, or by a worker."""
+        progress = self._progress
+        progress.pop(peer, None)
+        progress[peer] = self._clock()  # the quietest handshakes stay first
+        if self._pool is not None:
+            pending = self._busy.get(peer)
+            if pending is not None:  # its previous step is still running
+                if len(pending) < _MAX_PENDING:
+                    pending.append(datagram)
+                else:
+                    self._stats.dropped += 1
                 return
-            self._after_handshake_step(peer)
-        elif not peer.established:
-            self._after_handshake_step(peer)
+            self._busy[peer] = deque()
+            self._pool.submit(peer, _feed_step, peer.engine, datagram)
+            return
+        self._handshake_fed(peer, _pd_feed(peer.conn, datagram, len(datagram)), datagram)
+
+    def _handshake_fed(self, peer: _Peer, n: int, datagram: bytes) -> None:
+        """What a handshaking engine's ``pd_feed`` of ``datagram`` returned, applied."""
+        conn = peer.conn
+        if n > 0:
+            peer.last_seen = self._clock()
+            self._queue_records(peer)
+        elif n == _NEW_HELLO:
+            self._peer_restart(peer, datagram)
+            return
+        if conn.state != _ESTABLISHED and (n < 0 or conn.state > _ESTABLISHED):
+            self._ended_by_peer(peer)
+            return
+        self._after_handshake_step(peer)
         if peer.conn.out_len and not peer.dirty:
             peer.dirty = True
             self._dirty.append(peer)
@@ -309,6 +477,8 @@ class DtlsServer:
         if peer.address == address:
             return False  # the usual path, by address
         n = _pd_feed(peer.conn, datagram, len(datagram))
+        if peer.mem < 0:
+            self._measure(peer)
         if lib.pd_cid_advanced(peer.conn) and peer.conn.state == _ESTABLISHED:
             self._move(peer, address)
         if n > 0:
@@ -357,6 +527,33 @@ class DtlsServer:
         if self._handshaking >= self.max_handshakes or len(self._peers) >= self.max_connections:
             self._stats.refused_by_limit += 1
             return False
+        budget = self.max_connection_memory
+        if budget is not None and \
+                self._conn_bytes + (self._handshaking + 1) * self._association_cost > budget:
+            self._stats.refused_connection_memory += 1
+            return False
+        return self.max_handshake_memory is None or self._room_for_handshake(self.max_handshake_memory)
+
+    def _room_for_handshake(self, budget: int) -> bool:
+        """Whether a new handshake fits the handshake budget, once the handshakes stale
+        longest are cancelled for it (never one a worker is running)."""
+        need = self._hello_cost
+        if self._hs_bytes + need <= budget:
+            return True
+        now, stale, busy = self._clock(), self.handshake_stale_after, self._busy
+        while self._hs_bytes + need > budget:
+            victim = None
+            for peer, seen in self._progress.items():  # the quietest first
+                if now - seen < stale:
+                    break
+                if peer not in busy:
+                    victim = peer
+                    break
+            if victim is None:
+                self._stats.refused_handshake_memory += 1
+                return False
+            self._stats.handshakes_cancelled_stale += 1
+            self._terminate(victim, "stale handshake cancelled for a new one (handshake memory budget)")
         return True
 
     def _pins_for(self, address: Address) -> Pins:
@@ -367,7 +564,7 @@ class DtlsServer:
             return pins.get(address)
         return pins(address)
 
-    def _new_engine(self, datagram: bytes, address: Address) -> Dtls | None:
+    def _new_engine(self, datagram: bytes, address: Address, accept: bool = True) -> Dtls | None:
         hook = self.verify_peer
         cid = None
         if self._cid_ids is not None and self._cid_ids.generated:
@@ -385,17 +582,20 @@ class DtlsServer:
                           verify_peer=None if hook is None else (
                               lambda fingerprint, identity: hook(address, fingerprint, identity)),
                           handshake_timeout=None)  # the core keeps the deadline, on its clock
-            engine._accept_hello(datagram)
+            if accept:
+                engine._accept_hello(datagram)
         except DtlsError:
             self._stats.handshakes_failed += 1
             return None
-        self._stats.handshakes_started += 1
+        if accept:
+            self._stats.handshakes_started += 1
         return engine
 
     def _admit_stranger(self, datagram: bytes, address: Address) -> None:
         if not self._admit():
             return
-        engine = self._new_engine(datagram, address)
+        pool = self._pool
+        engine = self._new_engine(datagram, address, accept=pool is None)
         if engine is None:
             return
         now = self._clock()
@@ -403,7 +603,14 @@ class DtlsServer:
         peer.last_seen = now
         self._peers[address] = peer
         self._handshaking += 1
+        self._progress[peer] = now
+        if pool is not None:
+            self._measure(peer)  # its budget share is taken now, before the step runs
+            self._busy[peer] = deque()
+            pool.submit(peer, _accept_step, engine, datagram)
+            return
         self._after_handshake_step(peer)
+        self._hello_cost = peer.mem
         if peer.conn.out_len:
             peer.dirty = True
             self._dirty.append(peer)
@@ -422,6 +629,9 @@ class DtlsServer:
     def _after_handshake_step(self, peer: _Peer) -> None:
         if peer.conn.state == lib.PD_STATE_ESTABLISHED:
             peer.engine._drop_hook()
+            self._hs_bytes -= peer.mem  # from the handshake budget to the established one
+            peer.mem = 0
+            self._progress.pop(peer, None)
             peer.established = True
             self._register_cid(peer)
             self._handshaking -= 1
@@ -429,7 +639,92 @@ class DtlsServer:
             self._events.append(ConnectionEstablished(peer.address, peer.engine.get_peer_fingerprint(),
                                                       peer.engine.psk_identity()))
             self._queue_records(peer)
+            self._measure(peer)
+            self._association_cost = abs(peer.mem)
+        else:
+            self._measure(peer)
         self._arm(peer)
+
+    # ------------------------------------------------------------ memory
+
+    def _measure(self, peer: _Peer) -> None:
+        """Measure what the peer holds now and move the server's total by the change."""
+        mem = _pd_memory(peer.conn) + _PY_PEER_BYTES
+        if peer.replacement is not None:
+            mem += _pd_memory(peer.replacement._conn)
+        if peer.established:
+            self._conn_bytes += mem - abs(peer.mem)
+            peer.mem = -mem if peer.conn.buffers_released else mem
+        else:
+            self._hs_bytes += mem - peer.mem
+            peer.mem = mem
+
+    def _forget_memory(self, peer: _Peer) -> None:
+        if peer.established:
+            self._conn_bytes -= abs(peer.mem)
+        else:
+            self._hs_bytes -= peer.mem
+            self._progress.pop(peer, None)
+        peer.mem = 0
+
+    # ------------------------------------------------------------ workers
+
+    def _collect(self) -> None:
+        """Apply the handshake steps the workers finished, on the caller's thread, then
+        feed each such peer the datagrams that arrived meanwhile, in arrival order."""
+        self._collecting = True
+        try:
+            results, busy, peers = self._results, self._busy, self._peers
+            while results:
+                peer, outcome, error = results.popleft()
+                pending = busy.pop(peer, None)
+                if pending is None:
+                    continue  # the workers were stopped meanwhile
+                live = peers.get(peer.address) is peer
+                if peer in self._doomed:
+                    self._doomed.discard(peer)
+                    if live:
+                        self._terminate(peer, "closed locally")
+                    else:  # ended while the worker held its engine
+                        peer.engine.close()
+                    continue
+                if not live:
+                    continue
+                if error is not None:
+                    self._worker_failed(peer, error)
+                elif outcome is None:  # a hello accepted: our first flight is queued
+                    self._stats.handshakes_started += 1
+                    self._after_handshake_step(peer)
+                    self._hello_cost = peer.mem
+                    if peer.conn.out_len and not peer.dirty:
+                        peer.dirty = True
+                        self._dirty.append(peer)
+                else:
+                    self._handshake_fed(peer, outcome[0], outcome[1])
+                address = peer.address
+                while pending:
+                    again = busy.get(peer)
+                    if again is not None:  # a step of its own again: the rest waits for it
+                        again.extend(pending)
+                        break
+                    self.feed(pending.popleft(), address)
+        finally:
+            self._collecting = False
+
+    def _worker_failed(self, peer: _Peer, error: BaseException) -> None:
+        if not isinstance(error, DtlsError):
+            wrapped = HandshakeError(f"handshake step failed on a worker thread: "
+                                     f"{type(error).__name__}: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
+        _log.debug("pydtls_ossl: handshake of %r failed on a worker: %s", peer.address, error)
+        self._stats.handshakes_failed += 1
+        self._terminate(peer, "handshake failed", error)
+
+    @property
+    def workers(self) -> int:
+        """Handshake worker threads running now (0 without ``handshake_workers``)."""
+        return 0 if self._pool is None else len(self._pool.threads)
 
     # ------------------------------------------------ peer restart (§4.2.8)
 
@@ -445,6 +740,7 @@ class DtlsServer:
         peer.replacement = self._new_engine(datagram, peer.address)
         if peer.replacement is not None:
             self._handshaking += 1
+            self._measure(peer)
             peer.replacement_deadline = self._clock() + self.handshake_timeout
             self._queue_replacement_output(peer)
             self._arm(peer)
@@ -468,6 +764,7 @@ class DtlsServer:
             self._stats.handshakes_completed += 1
             self._events.append(ConnectionEstablished(peer.address, replacement.get_peer_fingerprint(),
                                                       replacement.psk_identity()))
+            self._measure(peer)
 
     def _drop_replacement(self, peer: _Peer) -> None:
         assert peer.replacement is not None
@@ -475,6 +772,7 @@ class DtlsServer:
         peer.replacement = None
         self._handshaking -= 1
         self._stats.handshakes_failed += 1
+        self._measure(peer)
 
     def _replacement_timers(self, peer: _Peer, now: float) -> None:
         """Retransmit a restarted peer's handshake, or give it up at its deadline."""
@@ -498,16 +796,18 @@ class DtlsServer:
 
     def datagrams_to_send(self, limit: int | None = None) -> list[tuple[bytes, Address]]:
         """Datagrams due now, one per peer per round so no peer starves the others."""
+        if self._results and not self._collecting:
+            self._collect()
         if self._foreign:
             self._take_foreign_sends()
         out = self._stateless
         self._stateless = []
         dirty = self._dirty
-        peers = self._peers
+        peers, busy = self._peers, self._busy
         while dirty and (limit is None or len(out) < limit):
             peer = dirty.popleft()
-            if peers.get(peer.address) is not peer:  # evicted or replaced meanwhile
-                peer.dirty = False
+            if peers.get(peer.address) is not peer or peer in busy:
+                peer.dirty = False  # evicted or replaced meanwhile, or a worker's: later
                 continue
             datagram = peer.engine.pull()
             if datagram is None:
@@ -525,6 +825,8 @@ class DtlsServer:
         if peer.conn.out_len + len(data) > self.max_queued_bytes:
             raise LimitExceeded(f"more than {self.max_queued_bytes} bytes queued for {address!r}")
         n = peer.engine.write(data)
+        if peer.mem < 0:
+            self._measure(peer)  # its cipher context came back
         if not peer.dirty:
             peer.dirty = True
             self._dirty.append(peer)
@@ -557,10 +859,21 @@ class DtlsServer:
     def close(self, address: Address) -> None:
         """Send close_notify to a peer and forget it."""
         peer = self._peers.get(address)
-        if peer is not None:
+        if peer is None:
+            return
+        if peer in self._busy:
+            self._doomed.add(peer)  # once its worker's step returns
+        else:
             self._terminate(peer, "closed locally")
 
     def close_all(self) -> None:
+        """Close every peer (close_notify) and stop the handshake workers (threads
+        joined; a step running finishes first, its result is dropped)."""
+        if self._pool is not None:
+            self._pool.stop()
+            self._results.clear()
+            self._busy.clear()
+            self._doomed.clear()
         for peer in list(self._peers.values()):
             self._terminate(peer, "server closed")
 
@@ -592,10 +905,14 @@ class DtlsServer:
         return event
 
     def next_event(self) -> ServerEvent | None:
+        if self._results and not self._collecting:
+            self._collect()
         return self._taken(self._events.popleft()) if self._events else None
 
     def events(self) -> Iterator[ServerEvent]:
         """Drain the pending events."""
+        if self._results and not self._collecting:
+            self._collect()
         events, taken = self._events, self._taken
         while events:
             yield taken(events.popleft())
@@ -639,7 +956,10 @@ class DtlsServer:
         return None
 
     def get_timeout(self) -> float | None:
-        """Seconds until ``handle_timeout()`` is due, or None when no peer needs it."""
+        """Seconds until ``handle_timeout()`` is due, or None when no peer needs it
+        (0 while a worker's finished handshake step waits to be applied)."""
+        if self._results:
+            return 0.0
         top = self._live_top()
         if top is None:
             return None
@@ -647,6 +967,8 @@ class DtlsServer:
 
     def handle_timeout(self) -> None:
         """Retransmit, expire handshakes past their deadline, close idle peers."""
+        if self._results and not self._collecting:
+            self._collect()
         now = self._clock()
         while (top := self._live_top()) is not None and top[0] <= now:
             heapq.heappop(self._timers)
@@ -662,8 +984,11 @@ class DtlsServer:
                     continue
                 if quiet >= self.release_after and not peer.conn.buffers_released:
                     peer.engine.release_buffers()
+                    self._measure(peer)
                 self._arm(peer)
                 continue
+            if peer in self._busy:
+                continue  # a worker holds the engine; its result re-arms the timer
             if now >= peer.deadline:
                 self._stats.handshakes_failed += 1
                 self._terminate(peer, "handshake timeout", peer.engine._expire())
@@ -725,11 +1050,13 @@ class DtlsServer:
             self._stats.restore_failed += 1
             del self._peers[peer.address]
             self._forget_cid(peer)
+            self._forget_memory(peer)
             peer.generation += 1
             self._events.append(ConnectionTerminated(peer.address, "association store failed"))
             return True
         del self._peers[peer.address]
         self._forget_cid(peer)
+        self._forget_memory(peer)
         peer.generation += 1
         self._stats.evicted += 1
         self._events.append(ConnectionEvicted(peer.address))
@@ -748,6 +1075,7 @@ class DtlsServer:
             self._stats.restored -= 1
             del self._peers[address]
             self._forget_cid(peer)
+            self._forget_memory(peer)
             peer.generation += 1
             if peer.conn.state == _ESTABLISHED and self.association_store is not None:
                 try:
@@ -755,6 +1083,7 @@ class DtlsServer:
                 except Exception:
                     _log.exception("pydtls_ossl: cannot put back the association of CID %s", cid.hex())
             return
+        self._measure(peer)
         if n > 0:
             self._queue_records(peer)
         if peer.conn.out_len and not peer.dirty:
@@ -764,6 +1093,10 @@ class DtlsServer:
     def _restore(self, address: Address, key: bytes | None = None) -> _Peer | None:
         store = self.association_store
         if store is None or len(self._peers) >= self.max_connections:
+            return None
+        budget = self.max_connection_memory
+        if budget is not None and self._conn_bytes + self._association_cost > budget:
+            self._stats.refused_connection_memory += 1
             return None
         if key is None:
             key = self.store_key(address)
@@ -786,6 +1119,8 @@ class DtlsServer:
         peer.last_seen = self._clock()
         self._peers[address] = peer
         self._register_cid(peer)
+        self._measure(peer)
+        peer.mem = -abs(peer.mem)  # measured again at its first datagram: contexts come back
         self._stats.restored += 1
         self._events.append(ConnectionRestored(address, engine.get_peer_fingerprint(),
                                                engine.psk_identity()))
@@ -810,26 +1145,33 @@ class DtlsServer:
     def _terminate(self, peer: _Peer, reason: str, error: DtlsError | None = None) -> None:
         del self._peers[peer.address]
         self._forget_cid(peer)
+        self._forget_memory(peer)
         if not peer.established:
             self._handshaking -= 1
         if peer.replacement is not None:
             self._handshaking -= 1
             peer.replacement.close()
-        peer.engine.close()
-        while (datagram := peer.engine.pull()) is not None:  # close_notify or an alert
-            self._stateless.append((datagram, peer.address))
+        if peer in self._busy:
+            self._doomed.add(peer)  # a worker holds the engine: closed when its step returns
+        else:
+            peer.engine.close()
+            while (datagram := peer.engine.pull()) is not None:  # close_notify or an alert
+                self._stateless.append((datagram, peer.address))
         peer.generation += 1
         self._events.append(ConnectionTerminated(peer.address, reason, error))
 
     def connection(self, address: Address) -> Dtls | None:
-        """The engine of one peer, for introspection (cipher, fingerprints, keys)."""
+        """The engine of one peer, for introspection (cipher, fingerprints, keys);
+        None while a handshake worker holds it."""
         peer = self._peers.get(address)
-        return peer.engine if peer is not None else None
+        return peer.engine if peer is not None and peer not in self._busy else None
 
     @property
     def stats(self) -> ServerStats:
         """Counters so far (a live object; the reply count is kept apart for speed)."""
         self._stats.hello_verify_requests = self._hello_verify_requests
+        self._stats.handshake_memory = self._hs_bytes
+        self._stats.connection_memory = self._conn_bytes
         return self._stats
 
     @property
