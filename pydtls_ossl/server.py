@@ -356,7 +356,8 @@ class DtlsServer:
             raise ConfigurationError("a DtlsServer gives each peer its own Connection ID: use "
                                      "connection_id=True, connection_id_length=N or a function")
         self._cid_ids = ids
-        self._cids: dict[bytes, _Peer] = {}
+        self._cids: dict[bytes, _Peer] = {}  # established peers, handshakes and replacements
+        self._replacement_cids: dict[_Peer, bytes] = {}
         #: Called (from the sending thread) by ``send_threadsafe()``, and from a
         #: worker thread when a handshake step's result is ready; drivers set it.
         self.wakeup: Callable[[], None] | None = None
@@ -476,6 +477,8 @@ class DtlsServer:
             return False
         if peer.address == address:
             return False  # the usual path, by address
+        if not peer.established:
+            return True  # a CID handshaking elsewhere: only its own address takes part in it
         n = _pd_feed(peer.conn, datagram, len(datagram))
         if peer.mem < 0:
             self._measure(peer)
@@ -564,18 +567,22 @@ class DtlsServer:
             return pins.get(address)
         return pins(address)
 
-    def _new_engine(self, datagram: bytes, address: Address, accept: bool = True) -> Dtls | None:
+    def _pick_cid(self) -> bytes | None | bool:
+        """A CID no live or handshaking peer holds (None: the context gives none;
+        False: the connection_id function keeps repeating CIDs in use)."""
+        if self._cid_ids is None or not self._cid_ids.generated:
+            return None
+        for _ in range(8):  # random CIDs collide only by bad luck; a function may repeat itself
+            cid = self._cid_ids.new()
+            if cid not in self._cids:
+                return cid
+        _log.warning("pydtls_ossl: connection_id function keeps returning CIDs in use")
+        self._stats.refused_by_limit += 1
+        return False
+
+    def _new_engine(self, datagram: bytes, address: Address, accept: bool = True,
+                    cid: bytes | None = None) -> Dtls | None:
         hook = self.verify_peer
-        cid = None
-        if self._cid_ids is not None and self._cid_ids.generated:
-            for _ in range(8):  # random CIDs collide only by bad luck; a function may repeat itself
-                cid = self._cid_ids.new()
-                if cid not in self._cids:
-                    break
-            else:
-                _log.warning("pydtls_ossl: connection_id function keeps returning CIDs in use")
-                self._stats.refused_by_limit += 1
-                return None
         try:
             engine = Dtls(is_server=True, context=self.context, connection_id=cid,
                           expected_peer_fingerprint=self._pins_for(address),
@@ -594,14 +601,21 @@ class DtlsServer:
     def _admit_stranger(self, datagram: bytes, address: Address) -> None:
         if not self._admit():
             return
+        cid = self._pick_cid()
+        if cid is False:
+            return
         pool = self._pool
-        engine = self._new_engine(datagram, address, accept=pool is None)
+        engine = self._new_engine(datagram, address, accept=pool is None,
+                                  cid=cid if isinstance(cid, bytes) else None)
         if engine is None:
             return
         now = self._clock()
         peer = _Peer(address, engine, now + self.handshake_timeout)
         peer.last_seen = now
         self._peers[address] = peer
+        if isinstance(cid, bytes) and cid:
+            peer.cid = cid  # held from now on, so no other handshake draws it
+            self._cids[cid] = peer
         self._handshaking += 1
         self._progress[peer] = now
         if pool is not None:
@@ -737,8 +751,19 @@ class DtlsServer:
         if self._handshaking >= self.max_handshakes:
             self._stats.refused_by_limit += 1
             return
-        peer.replacement = self._new_engine(datagram, peer.address)
+        budget = self.max_connection_memory
+        if budget is not None and self._conn_bytes + self._hello_cost > budget:
+            self._stats.refused_connection_memory += 1  # the replacement counts with its peer
+            return
+        cid = self._pick_cid()
+        if cid is False:
+            return
+        peer.replacement = self._new_engine(datagram, peer.address,
+                                            cid=cid if isinstance(cid, bytes) else None)
         if peer.replacement is not None:
+            if isinstance(cid, bytes) and cid:
+                self._cids[cid] = peer  # held for the new association (routed by address until then)
+                self._replacement_cids[peer] = cid
             self._handshaking += 1
             self._measure(peer)
             peer.replacement_deadline = self._clock() + self.handshake_timeout
@@ -759,6 +784,10 @@ class DtlsServer:
             self._events.append(ConnectionTerminated(peer.address, "peer restarted"))
             old.close()
             peer.engine, peer.conn, peer.replacement = replacement, replacement._conn, None
+            self._release_replacement_cid(peer)
+            self._forget_cid(peer)
+            peer.cid = None
+            self._register_cid(peer)
             self._handshaking -= 1
             self._stats.restarts += 1
             self._stats.handshakes_completed += 1
@@ -766,8 +795,14 @@ class DtlsServer:
                                                       replacement.psk_identity()))
             self._measure(peer)
 
+    def _release_replacement_cid(self, peer: _Peer) -> None:
+        cid = self._replacement_cids.pop(peer, None)
+        if cid is not None and self._cids.get(cid) is peer and cid != peer.cid:
+            del self._cids[cid]
+
     def _drop_replacement(self, peer: _Peer) -> None:
         assert peer.replacement is not None
+        self._release_replacement_cid(peer)
         peer.replacement.close()
         peer.replacement = None
         self._handshaking -= 1
@@ -1007,7 +1042,11 @@ class DtlsServer:
     # ---------------------------------------------------- association store
 
     def _register_cid(self, peer: _Peer) -> None:
+        """Route by the CID the association negotiated (a handshake held the one it offered)."""
         cid = peer.engine.connection_id
+        if peer.cid is not None and peer.cid != cid:
+            self._forget_cid(peer)
+            peer.cid = None
         if cid:
             peer.cid = cid
             self._cids[cid] = peer
@@ -1078,10 +1117,19 @@ class DtlsServer:
             self._forget_memory(peer)
             peer.generation += 1
             if peer.conn.state == _ESTABLISHED and self.association_store is not None:
+                # an authentic but older record (reordered, or held back by someone on the
+                # path) was read: it is dropped, as a lost datagram would be
+                engine = peer.engine
+                while engine.read() is not None:
+                    pass
+                while engine.pull() is not None:
+                    pass
                 try:
-                    self.association_store.put(key, peer.engine.export_association(key))
+                    self.association_store.put(key, engine.export_association(key))
                 except Exception:
                     _log.exception("pydtls_ossl: cannot put back the association of CID %s", cid.hex())
+                    self._stats.restore_failed += 1
+                    self._events.append(ConnectionTerminated(address, "association store failed"))
             return
         self._measure(peer)
         if n > 0:
@@ -1150,6 +1198,7 @@ class DtlsServer:
             self._handshaking -= 1
         if peer.replacement is not None:
             self._handshaking -= 1
+            self._release_replacement_cid(peer)
             peer.replacement.close()
         if peer in self._busy:
             self._doomed.add(peer)  # a worker holds the engine: closed when its step returns
