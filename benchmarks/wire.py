@@ -51,6 +51,14 @@ def compile_c(workdir: Path) -> Path | None:
     return binary
 
 
+def _prepare(workdir: Path) -> tuple[Path | None, Path, Path]:
+    """The load generator built in ``workdir``, and a server certificate and key there."""
+    cert = generate_certificate("wire.pydtls", key_type="ec")
+    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
+    cert.write(cert_path, key_path)
+    return compile_c(workdir), cert_path, key_path
+
+
 def measure(binary: Path, cert: Path, key: Path, surface: str, clients: int, size: int,
             warmup: float, window: float) -> dict[str, float] | None:
     lifetime = 90 + warmup + window
@@ -93,12 +101,9 @@ def run(quick: bool, rounds: int | None = None, window: float | None = None,
     surfaces = SURFACES + (BEFORE if (not quick if before is None else before) else ())
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        binary = compile_c(Path(tmp))
+        binary, cert_path, key_path = _prepare(Path(tmp))
         if binary is None:
             return ["wire: no C compiler, no load generator: skipped"]
-        cert = generate_certificate("wire.pydtls", key_type="ec")
-        cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        cert.write(cert_path, key_path)
         samples: dict[tuple[int, int, str], list[dict[str, float]]] = {}
         started = time.perf_counter()
         for r in range(rounds):
@@ -183,12 +188,9 @@ def instructions(clients: int = 10, size: int = 100, windows: tuple[float, float
     lines = [f"Server instructions per echo (callgrind; {clients} clients x {size} B; "
              f"runs of {windows[0]:g} s and {windows[1]:g} s, the difference):"]
     with tempfile.TemporaryDirectory() as tmp:
-        binary = compile_c(Path(tmp))
+        binary, cert_path, key_path = _prepare(Path(tmp))
         if binary is None:
             return ["wire --instructions: no C compiler"]
-        cert = generate_certificate("wire.pydtls", key_type="ec")
-        cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        cert.write(cert_path, key_path)
         for name, surface in INSTRUCTION_SURFACES:
             totals, echoes = [], []
             for window in windows:
