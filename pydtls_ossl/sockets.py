@@ -204,8 +204,13 @@ class DtlsListener:
             raise ValueError("export_on_close needs association_store=")
         self._export_on_close = export_on_close
         self._lock = threading.RLock()
-        self._turn = threading.Condition(self._lock)
+        self._turn = threading.Condition(self._lock)  # the driver finished (close() waits on it)
         self._pumping = False
+        # callers waiting while another drives, oldest first, each on its own condition,
+        # so a round wakes only those it brought something (and one to drive next)
+        self._waiting: dict[threading.Condition, None] = {}
+        self._ready: set[threading.Condition] = set()
+        self._accept_turn = threading.Condition(self._lock)
         # send_threadsafe() from any thread interrupts the wait through this pair
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -226,12 +231,15 @@ class DtlsListener:
         """The next peer whose handshake completed; ``TimeoutError`` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while True:
-                if self._accepted:
-                    return self._accepted.popleft()
-                if self._closed:
-                    raise ConnectionClosed("the listener is closed")
-                self._take_turn(deadline)
+            try:
+                while True:
+                    if self._accepted:
+                        return self._accepted.popleft()
+                    if self._closed:
+                        raise ConnectionClosed("the listener is closed")
+                    self._take_turn(deadline, self._accept_turn)
+            finally:
+                self._pass_turn()
 
     def _wake(self) -> None:
         try:
@@ -239,8 +247,9 @@ class DtlsListener:
         except OSError:
             pass  # a wake-up is already pending, or the listener is closed
 
-    def _take_turn(self, deadline: float | None) -> None:
-        """With the lock held: drive the socket once, or wait while another caller does.
+    def _take_turn(self, deadline: float | None, turn: threading.Condition) -> None:
+        """With the lock held: drive the socket once, or wait on ``turn`` while another
+        caller does.
 
         Returns after something may have changed for the caller; raises
         ``TimeoutError`` once ``deadline`` passes.
@@ -249,7 +258,11 @@ class DtlsListener:
         if left is not None and left <= 0:
             raise TimeoutError("timed out")
         if self._pumping:
-            self._turn.wait(left)  # the driving caller notifies after each round
+            self._waiting[turn] = None
+            try:
+                turn.wait(left)  # woken by a round that brought something, or to drive
+            finally:
+                self._waiting.pop(turn, None)
             return
         self._pumping = True
         try:
@@ -276,6 +289,16 @@ class DtlsListener:
         finally:
             self._pumping = False
             self._turn.notify_all()
+            ready, self._ready = self._ready, set()
+            for waiter in ready:
+                if waiter in self._waiting:
+                    waiter.notify_all()
+
+    def _pass_turn(self) -> None:
+        """A caller leaves recv()/accept(): if nobody drives the socket now, the
+        oldest waiting caller is woken to (one wake-up, not one per waiter)."""
+        if not self._pumping and self._waiting:
+            next(iter(self._waiting)).notify()
 
     @property
     def batched(self) -> bool:
@@ -293,18 +316,22 @@ class DtlsListener:
                 connection = DtlsConnection(self, event.address, engine)
                 self._connections[event.address] = connection
                 self._accepted.append(connection)
+                self._ready.add(self._accept_turn)
             elif isinstance(event, DataReceived):
                 conn = self._connections.get(event.address)
                 if conn is not None:
                     conn._received.append(event.data)
+                    self._ready.add(conn._turn)
             elif isinstance(event, ConnectionTerminated):
                 conn = self._connections.pop(event.address, None)
                 if conn is not None:
                     conn._terminated = event
+                    self._ready.add(conn._turn)
             elif isinstance(event, ConnectionEvicted):  # accept() returns it again when it is back
                 conn = self._connections.pop(event.address, None)
                 if conn is not None:
                     conn._terminated = ConnectionTerminated(event.address, "moved to the association store")
+                    self._ready.add(conn._turn)
             elif isinstance(event, AddressChanged):  # Connection ID: the peer moved
                 conn = self._connections.pop(event.old_address, None)
                 if conn is not None:
@@ -332,6 +359,8 @@ class DtlsListener:
             self._send_due()
             self._wake()  # a caller waiting in select() notices
             self._turn.notify_all()
+            for waiter in list(self._waiting):
+                waiter.notify_all()
             while self._pumping:
                 self._turn.wait(1.0)
             self._sock.close()
@@ -355,6 +384,7 @@ class DtlsConnection(Introspection):
         self._received: deque[bytes] = deque()
         self._terminated: ConnectionTerminated | None = None
         self._timeout: float | None = None
+        self._turn = threading.Condition(listener._lock)
 
     def getpeername(self) -> Any:
         return self.address
@@ -378,19 +408,23 @@ class DtlsConnection(Introspection):
     def recv(self, bufsize: int = _MAX_DATAGRAM) -> bytes:
         """The next record from this peer; ``ConnectionClosed`` once it is gone."""
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        with self._listener._lock:
-            while True:
-                if self._received:
-                    if len(self._received[0]) > bufsize:
-                        raise ValueError(f"the next record has {len(self._received[0])} bytes, "
-                                         f"more than bufsize={bufsize}")
-                    return self._received.popleft()
-                if self._terminated is not None:
-                    error = self._terminated.error
-                    raise ConnectionClosed(f"association ended: {self._terminated.reason}") from error
-                if self._listener._closed:
-                    raise ConnectionClosed("the listener is closed")
-                self._listener._take_turn(deadline)
+        listener = self._listener
+        with listener._lock:
+            try:
+                while True:
+                    if self._received:
+                        if len(self._received[0]) > bufsize:
+                            raise ValueError(f"the next record has {len(self._received[0])} bytes, "
+                                             f"more than bufsize={bufsize}")
+                        return self._received.popleft()
+                    if self._terminated is not None:
+                        error = self._terminated.error
+                        raise ConnectionClosed(f"association ended: {self._terminated.reason}") from error
+                    if listener._closed:
+                        raise ConnectionClosed("the listener is closed")
+                    listener._take_turn(deadline, self._turn)
+            finally:
+                listener._pass_turn()
 
     def close(self) -> None:
         with self._listener._lock:
