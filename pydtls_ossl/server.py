@@ -426,6 +426,12 @@ class DtlsServer:
             peer.dirty = True
             self._dirty.append(peer)
 
+    def _output_due(self, peer: _Peer) -> None:
+        """Queue the peer for ``datagrams_to_send()`` when its engine has output."""
+        if peer.conn.out_len and not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+
     def _handshake_datagram(self, peer: _Peer, datagram: bytes) -> None:
         """A datagram for a peer still shaking hands: fed here, or by a worker."""
         progress = self._progress
@@ -457,9 +463,7 @@ class DtlsServer:
             self._ended_by_peer(peer)
             return
         self._after_handshake_step(peer)
-        if peer.conn.out_len and not peer.dirty:
-            peer.dirty = True
-            self._dirty.append(peer)
+        self._output_due(peer)
 
     def _feed_cid(self, datagram: bytes, address: Address) -> bool:
         """Route a CID record by its CID; True when it was handled here (a peer that
@@ -490,9 +494,7 @@ class DtlsServer:
         elif n < 0 or peer.conn.state > _ESTABLISHED:
             self._ended_by_peer(peer)
             return True
-        if peer.conn.out_len and not peer.dirty:
-            peer.dirty = True
-            self._dirty.append(peer)
+        self._output_due(peer)
         return True
 
     def _move(self, peer: _Peer, address: Address) -> None:
@@ -625,9 +627,7 @@ class DtlsServer:
             return
         self._after_handshake_step(peer)
         self._hello_cost = peer.mem
-        if peer.conn.out_len:
-            peer.dirty = True
-            self._dirty.append(peer)
+        self._output_due(peer)
 
     def _ended_by_peer(self, peer: _Peer) -> None:
         """The last datagram failed the handshake, or carried close_notify or an alert."""
@@ -710,9 +710,7 @@ class DtlsServer:
                     self._stats.handshakes_started += 1
                     self._after_handshake_step(peer)
                     self._hello_cost = peer.mem
-                    if peer.conn.out_len and not peer.dirty:
-                        peer.dirty = True
-                        self._dirty.append(peer)
+                    self._output_due(peer)
                 else:
                     self._handshake_fed(peer, outcome[0], outcome[1])
                 address = peer.address
@@ -1034,9 +1032,7 @@ class DtlsServer:
                 self._stats.handshakes_failed += 1
                 self._terminate(peer, "handshake failed", exc)
                 continue
-            if peer.conn.out_len and not peer.dirty:
-                peer.dirty = True
-                self._dirty.append(peer)
+            self._output_due(peer)
             self._arm(peer)
 
     # ---------------------------------------------------- association store
@@ -1134,9 +1130,7 @@ class DtlsServer:
         self._measure(peer)
         if n > 0:
             self._queue_records(peer)
-        if peer.conn.out_len and not peer.dirty:
-            peer.dirty = True
-            self._dirty.append(peer)
+        self._output_due(peer)
 
     def _restore(self, address: Address, key: bytes | None = None) -> _Peer | None:
         store = self.association_store
