@@ -241,7 +241,8 @@ def converse(server: DtlsServer, client: Dtls, address: Any) -> list[Any]:
                 client.feed(datagram)
                 moved = True
         events += list(server.events())
-        client.handshake() if not client.is_handshake_finished() else None
+        if not client.is_handshake_finished():
+            client.handshake()
         if not moved:
             break
     return events

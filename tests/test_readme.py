@@ -128,27 +128,16 @@ def test_readme_association_snippet_runs() -> None:
 
 
 def test_readme_connection_id_snippet_runs() -> None:
-    from pydtls_ossl import AddressChanged, DataReceived, Dtls
+    from pydtls_ossl import AddressChanged, DataReceived, Dtls, DtlsServer
+    from .test_cid import converse
     block = block_with("connection_id=True")
     namespace: dict[str, object] = {"KEY": b"\x5e" * 16}
     exec(compile(block, "README.md", "exec"), namespace)
-    core, sensor = namespace["core"], Dtls(context=namespace["sensor_ctx"])  # type: ignore[arg-type]
-
-    def converse(address: object) -> list[object]:
-        events: list[object] = []
-        for _ in range(20):
-            for datagram in iter(sensor.pull, None):
-                core.feed(datagram, address)  # type: ignore[attr-defined]
-            for datagram, _ in core.datagrams_to_send():  # type: ignore[attr-defined]
-                sensor.feed(datagram)
-            events += list(core.events())  # type: ignore[attr-defined]
-            if not sensor.is_handshake_finished():
-                sensor.handshake()
-        return events
-
+    server: DtlsServer = namespace["core"]  # type: ignore[assignment]
+    sensor = Dtls(context=namespace["sensor_ctx"])  # type: ignore[arg-type]
     sensor.handshake()
-    converse(("10.0.0.2", 40001))
+    converse(server, sensor, ("10.0.0.2", 40001))
     sensor.write(b"reading")
-    events = converse(("10.0.0.2", 51234))  # the NAT picked another port
+    events = converse(server, sensor, ("10.0.0.2", 51234))  # the NAT picked another port
     assert any(isinstance(e, AddressChanged) and e.old_address == ("10.0.0.2", 40001) for e in events)
     assert DataReceived(("10.0.0.2", 51234), b"reading") in events
