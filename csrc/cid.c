@@ -268,6 +268,7 @@ static int pd_cid_write(pd_conn *c, const unsigned char *in, size_t n)
         struct pd_rl *xl;
         unsigned char *tmp;
         EVP_CIPHER_CTX *back;
+        size_t out = 0;
         long plain;
         int type, ok;
         if (size == 0 || r[0] == PD_RT_CID)
@@ -290,7 +291,9 @@ static int pd_cid_write(pd_conn *c, const unsigned char *in, size_t n)
         }
         plain = pd_raw_open(xl, back, xl->wiv, 0, r, size, tmp, &type);
         EVP_CIPHER_CTX_free(back);
-        ok = plain >= 0 && pd_out_reserve(c, pd_raw_size(xl, cl, cid->padding, (size_t)plain))
+        if (plain >= 0)
+            out = pd_raw_size(xl, cl, cid->padding, (size_t)plain);
+        ok = plain >= 0 && pd_out_reserve(c, out)
             && pd_raw_seal(xl, xl->enc, xl->wiv, cid->id + cid->rx_len, cl, cid->padding, type,
                            ((unsigned int)r[3] << 8) | r[4], pd_seq48(r + 5), tmp, (size_t)plain,
                            c->out + c->out_off + c->out_len);
@@ -300,7 +303,7 @@ static int pd_cid_write(pd_conn *c, const unsigned char *in, size_t n)
             cid->failed = 1;
             return 0;
         }
-        c->out_len += pd_raw_size(xl, cl, cid->padding, (size_t)plain);
+        c->out_len += out;
     }
     return 1;
 }
@@ -350,8 +353,7 @@ static int pd_cid_feed(pd_conn *c, const unsigned char *data, size_t len)
             used += size;
             continue;
         }
-        if (size < PD_RECORD_HEADER + cl || memcmp(rec + 11, cid->id, cl) != 0
-                || (xl = pd_cid_keys(c)) == NULL)
+        if (memcmp(rec + 11, cid->id, cl) != 0 || (xl = pd_cid_keys(c)) == NULL)
             continue;
         plain = pd_raw_open(xl, xl->dec, xl->riv, cl, rec, size, pd_scratch, &type);
         if (plain < 0 || type < SSL3_RT_CHANGE_CIPHER_SPEC || type > SSL3_RT_APPLICATION_DATA
@@ -363,7 +365,6 @@ static int pd_cid_feed(pd_conn *c, const unsigned char *data, size_t len)
                             pd_seq48(rec + 5), pd_scratch, (size_t)plain, buf + used);
         EVP_CIPHER_CTX_free(back);
     }
-    OPENSSL_cleanse(pd_scratch, 64);
     r = used > 0 ? pd_feed_ssl(c, buf, used) : 0;
     free(buf);
     return r < 0 ? r : count + r;
