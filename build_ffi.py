@@ -380,6 +380,24 @@ MEMORY = """
 size_t pd_memory(const pd_conn *);
 """
 
+# DtlsServer's parked idle associations (csrc/lot.c): owned by the lot while parked.
+LOT = """
+#define PD_LOT_KEY_MAX ...
+typedef struct pd_lot pd_lot;
+pd_lot *pd_lot_new(SSL_CTX *, unsigned int, unsigned int);
+void pd_lot_free(pd_lot *);
+size_t pd_lot_put(pd_lot *, const unsigned char *, size_t, const unsigned char *, size_t, pd_conn *,
+                  double);
+pd_conn *pd_lot_take(pd_lot *, const unsigned char *, size_t, double *, long long *);
+pd_conn *pd_lot_take_alt(pd_lot *, const unsigned char *, size_t, unsigned char *, size_t *, double *,
+                         long long *);
+int pd_lot_has(pd_lot *, const unsigned char *, size_t);
+double pd_lot_oldest_seen(const pd_lot *);
+pd_conn *pd_lot_take_oldest(pd_lot *, double, unsigned char *, size_t *, double *, long long *);
+size_t pd_lot_count(const pd_lot *);
+void pd_trim_heap(void);
+"""
+
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
            "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h",
@@ -395,7 +413,7 @@ def _source() -> str:
     )
     sources = "".join((HERE / "csrc" / name).read_text()
                       for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c",
-                                   "memory.c")  # memory.c: after the structs it measures
+                                   "memory.c", "lot.c")  # after the structs they measure
                       + IO_SOURCES)
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
@@ -419,7 +437,7 @@ def _sanitizers() -> list[str]:
 SANITIZE = _sanitizers()
 ffi = FFI()
 ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS
-         + ASSOCIATION + MEMORY + IO)
+         + ASSOCIATION + MEMORY + LOT + IO)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

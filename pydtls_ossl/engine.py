@@ -684,6 +684,13 @@ class Dtls:
         if conn == ffi.NULL:
             raise AssociationError(_IMPORT_ERRORS.get(err[0], f"cannot import the association "
                                                               f"(error {err[0]})"))
+        return cls._adopt(conn, context)
+
+    @classmethod
+    def _adopt(cls, conn: Any, context: DtlsContext) -> Dtls:
+        """An engine around an established ``pd_conn`` the caller owned (an imported
+        one, or one a server parked): the engine owns it from now on."""
+        conn.keep_peer_cert = int(context.keep_peer_certificate)
         engine = cls.__new__(cls)
         engine._conn = ffi.gc(conn, lib.pd_conn_free)
         engine._context = context
@@ -691,8 +698,13 @@ class Dtls:
         engine._error = None
         engine._leftover = None
         engine._final_state = ConnectionState.CLOSED
-        conn.keep_peer_cert = int(context.keep_peer_certificate)
         return engine
+
+    def _disown(self) -> None:
+        """Hand the ``pd_conn`` to whoever took it (a server's parking lot): this
+        engine neither uses nor frees it again."""
+        ffi.gc(self._conn, None)
+        self._conn = _DEAD
 
     def _drop_hook(self) -> None:
         """Forget verify_peer once the handshake no longer needs it."""

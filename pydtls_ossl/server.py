@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import sys
 import time
 import weakref
 from collections import deque
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 from ._errors import ConnectionClosed as ConnectionClosedError
 from ._errors import ConfigurationError, DtlsError, HandshakeError, LimitExceeded
 from ._ffi import ffi, lib
+from ._lot import ParkingLot, Taken
 from ._workers import HandshakePool
 from .context import DtlsContext, address_parts
 from .engine import ConnectionState, Dtls
@@ -58,6 +60,12 @@ _pd_memory = lib.pd_memory
 #: the ``Dtls``, the cffi pointer, the address key and its timer entry; the README's
 #: idle-memory breakdown measures ~0.65 KB).
 _PY_PEER_BYTES = 650
+#: references to an engine only its _Peer holds (that slot and getrefcount's
+#: argument): more, and the application keeps it, so its peer is not parked
+_ENGINE_UNSHARED = 2
+#: bytes that peers ending in handle_timeout() (closed, evicted) gave back, after
+#: which it returns the heap's free pages to the system (glibc keeps them otherwise)
+_TRIM_AFTER_BYTES = 4 << 20
 #: A handshaking peer's datagrams waiting for its step on a worker; more are dropped.
 _MAX_PENDING = 64
 
@@ -180,6 +188,7 @@ class ServerStats:
     refused_handshake_memory: int = 0  # valid hellos dropped: handshake budget full, none stale
     refused_connection_memory: int = 0  # valid hellos dropped: the established budget is full
     handshake_memory: int = 0  # bytes handshaking peers hold now (read through DtlsServer.stats)
+    parked: int = 0  # quiet established peers held in C alone, no Python objects (likewise)
     connection_memory: int = 0  # bytes established peers hold now (likewise)
 
 
@@ -187,14 +196,15 @@ class _Peer:
     __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
                  "generation", "dirty", "replacement", "replacement_deadline", "cid", "mem")
 
-    def __init__(self, address: Address, engine: Dtls, deadline: float) -> None:
+    def __init__(self, address: Address, engine: Dtls, deadline: float, generation: int) -> None:
         self.address = address
         self.engine = engine
         self.conn = engine._conn
         self.established = False
         self.deadline = deadline
         self.last_seen = 0.0
-        self.generation = 0
+        # above every generation an earlier peer at this address left in the timer heap
+        self.generation = generation
         self.dirty = False
         self.replacement: Dtls | None = None
         self.replacement_deadline = 0.0
@@ -216,7 +226,11 @@ class DtlsServer:
     received records per peer waiting in ``events()`` (newer ones are dropped and
     counted in ``stats.records_dropped``, as a full socket buffer would). A peer quiet for
     ``release_after`` seconds gives back its buffers (~2 KB with the engine's
-    record layer, ~33 KB with libssl's); they return on its next datagram.
+    record layer, ~33 KB with libssl's) and is parked in C (``_lot.py``): its
+    Python objects go, and on the engine's record layer its association is
+    sealed under a key only this server holds (~250 bytes, the engine freed).
+    It comes back, the same association, on its next datagram or any call
+    that names it; a peer whose engine the application holds stays in memory.
     ``handshake_timeout`` defaults to the context's. ``clock`` (seconds,
     monotonic) is injectable for tests; retransmission timers are OpenSSL's.
 
@@ -346,6 +360,8 @@ class DtlsServer:
         self._dirty: deque[_Peer] = deque()
         self._timers: list[tuple[float, int, int, Address]] = []
         self._timer_seq = 0
+        self._lot = ParkingLot(context)  # quiet established peers, in C alone
+        self._freed = 0  # bytes given back by peers ended in handle_timeout(), since the last trim
         self._cookies = context.cookies
         self._hello_verify_requests = 0
         self._hvr = ffi.new("unsigned char[]", lib.PD_HVR_LEN)
@@ -398,7 +414,9 @@ class DtlsServer:
             return
         peer = self._peers.get(address)
         if peer is None:
-            if self.association_store is not None and _has_protected_record(datagram):
+            if self._lot:
+                peer = self._unpark(address)
+            if peer is None and self.association_store is not None and _has_protected_record(datagram):
                 peer = self._restore(address)  # maybe a stored peer's
             if peer is None:
                 if self._cookie_check(datagram, address):
@@ -474,6 +492,8 @@ class DtlsServer:
             return False
         cid = datagram[11:11 + size]
         peer = self._cids.get(cid)
+        if peer is None and self._lot:
+            peer = self._unpark_cid(cid)
         if peer is None:
             if self.association_store is not None and address not in self._peers:
                 self._restore_cid(cid, datagram, address)
@@ -500,6 +520,8 @@ class DtlsServer:
     def _move(self, peer: _Peer, address: Address) -> None:
         old = peer.address
         other = self._peers.get(address)
+        if other is None and self._lot:
+            other = self._unpark(address)
         if other is not None and other is not peer:
             # a NAT gave this address to our peer: whoever had it has left it
             self._terminate(other, "address taken over by a Connection ID peer")
@@ -529,7 +551,7 @@ class DtlsServer:
         return True
 
     def _admit(self) -> bool:
-        if self._handshaking >= self.max_handshakes or len(self._peers) >= self.max_connections:
+        if self._handshaking >= self.max_handshakes or len(self) >= self.max_connections:
             self._stats.refused_by_limit += 1
             return False
         budget = self.max_connection_memory
@@ -612,7 +634,7 @@ class DtlsServer:
         if engine is None:
             return
         now = self._clock()
-        peer = _Peer(address, engine, now + self.handshake_timeout)
+        peer = _Peer(address, engine, now + self.handshake_timeout, self._timer_seq)
         peer.last_seen = now
         self._peers[address] = peer
         if isinstance(cid, bytes) and cid:
@@ -853,6 +875,8 @@ class DtlsServer:
     def send(self, address: Address, data: bytes) -> int:
         """Queue one record to an established peer."""
         peer = self._peers.get(address)
+        if peer is None and self._lot:
+            peer = self._unpark(address)
         if peer is None or not peer.established:
             raise ConnectionClosedError(f"no established association with {address!r}")
         if peer.conn.out_len + len(data) > self.max_queued_bytes:
@@ -892,6 +916,8 @@ class DtlsServer:
     def close(self, address: Address) -> None:
         """Send close_notify to a peer and forget it."""
         peer = self._peers.get(address)
+        if peer is None and self._lot:
+            peer = self._unpark(address)
         if peer is None:
             return
         if peer in self._busy:
@@ -909,6 +935,8 @@ class DtlsServer:
             self._doomed.clear()
         for peer in list(self._peers.values()):
             self._terminate(peer, "server closed")
+        while (woken := self._wake_oldest(float("inf"))) is not None:
+            self._terminate(woken, "server closed")
 
     # ------------------------------------------------------------ events
 
@@ -952,13 +980,18 @@ class DtlsServer:
 
     # ------------------------------------------------------------ timers
 
-    def _arm(self, peer: _Peer) -> None:
-        """One heap entry per peer: its next retransmission, deadline or idle check."""
+    def _arm(self, peer: _Peer, woken: bool = False) -> None:
+        """One heap entry per peer: its next retransmission, deadline or idle check
+        (``woken``: out of the lot, it goes back after ``release_after`` of quiet)."""
         now = self._clock()
         if peer.established:
             quiet_for = min(self.idle_timeout, self.evict_after) if peer.conn.buffers_released \
                 else min(self.release_after, self.idle_timeout, self.evict_after)
             when = peer.last_seen + quiet_for
+            if woken:
+                when = min(when, now + self.release_after)
+            if when <= now:  # an eviction that could not be done (yet): try again later
+                when = now + self.release_after
             if peer.replacement is not None:  # a restarted peer's handshake, with its own timers
                 timer = peer.replacement.get_timeout()
                 when = min(when, peer.replacement_deadline,
@@ -994,15 +1027,19 @@ class DtlsServer:
         if self._results:
             return 0.0
         top = self._live_top()
-        if top is None:
-            return None
-        return max(0.0, top[0] - self._clock())
+        when = None if top is None else top[0]
+        oldest = self._lot.oldest_seen()
+        if oldest is not None:
+            parked = oldest + min(self.idle_timeout, self.evict_after)
+            when = parked if when is None else min(when, parked)
+        return None if when is None else max(0.0, when - self._clock())
 
     def handle_timeout(self) -> None:
         """Retransmit, expire handshakes past their deadline, close idle peers."""
         if self._results and not self._collecting:
             self._collect()
         now = self._clock()
+        held = self._conn_bytes + self._hs_bytes
         while (top := self._live_top()) is not None and top[0] <= now:
             heapq.heappop(self._timers)
             peer = self._peers[top[3]]
@@ -1015,9 +1052,12 @@ class DtlsServer:
                     continue
                 if quiet >= self.evict_after and self._evict(peer):
                     continue
-                if quiet >= self.release_after and not peer.conn.buffers_released:
-                    peer.engine.release_buffers()
-                    self._measure(peer)
+                if quiet >= self.release_after:
+                    if not peer.conn.buffers_released:
+                        peer.engine.release_buffers()
+                        self._measure(peer)
+                    if quiet < self.evict_after and self._park(peer):
+                        continue
                 self._arm(peer)
                 continue
             if peer in self._busy:
@@ -1034,6 +1074,83 @@ class DtlsServer:
                 continue
             self._output_due(peer)
             self._arm(peer)
+        if self._lot:
+            self._expire_parked(now)
+        self._freed += max(0, held - self._conn_bytes - self._hs_bytes)
+        if self._freed > _TRIM_AFTER_BYTES:
+            self._freed = 0
+            lib.pd_trim_heap()
+
+    # ------------------------------------------------------------- parking
+
+    def _park(self, peer: _Peer) -> bool:
+        """Move a quiet established peer into the lot, dropping its Python objects;
+        False keeps it here (output or records pending, a replacement handshake,
+        a worker's, an address the lot cannot key, or an engine the application holds)."""
+        conn = peer.conn
+        if peer.replacement is not None or peer.dirty or conn.out_len or conn.plain_count \
+                or conn.state != _ESTABLISHED or peer in self._busy \
+                or sys.getrefcount(peer.engine) > _ENGINE_UNSHARED:
+            return False
+        mem = self._lot.park(peer.address, peer.cid, conn, peer.last_seen)
+        if not mem:
+            if conn.state != _ESTABLISHED:  # exported, then no memory to keep it: lost
+                self._terminate(peer, "no memory to park the association")
+            return False
+        peer.engine._disown()  # the lot owns it now (or sealed it and freed it)
+        del self._peers[peer.address]
+        self._forget_cid(peer)
+        self._conn_bytes += mem - abs(peer.mem)
+        peer.mem = 0
+        peer.generation += 1
+        return True
+
+    def _unpark(self, address: Address) -> _Peer | None:
+        """The parked peer at ``address``, back in memory (None: none parked there)."""
+        taken = self._lot.take(address)
+        return None if taken is None else self._wake(taken)
+
+    def _unpark_cid(self, cid: bytes) -> _Peer | None:
+        """The parked peer with our Connection ID ``cid``, back in memory at its address."""
+        taken = self._lot.take_cid(cid)
+        return None if taken is None else self._wake(taken)
+
+    def _wake_oldest(self, until: float) -> _Peer | None:
+        """The parked peer heard from longest ago, if at or before ``until``, in memory
+        again and not armed (its caller ends it or arms it)."""
+        while (taken := self._lot.take_oldest(until)) is not None:
+            peer = self._wake(taken, arm=False)
+            if peer is not None:
+                return peer
+        return None
+
+    def _wake(self, taken: Taken, arm: bool = True) -> _Peer | None:
+        self._conn_bytes -= taken.mem
+        if taken.conn is None:  # its sealed association did not import: memory ran out
+            self._stats.restore_failed += 1
+            _log.error("pydtls_ossl: the parked association of %r could not be imported",
+                       taken.address)
+            self._events.append(ConnectionTerminated(taken.address, "parked association lost"))
+            return None
+        peer = _Peer(taken.address, Dtls._adopt(taken.conn, self.context), 0.0, self._timer_seq)
+        peer.established = True
+        peer.last_seen = taken.last_seen
+        self._peers[taken.address] = peer
+        self._register_cid(peer)
+        self._measure(peer)
+        if arm:
+            self._arm(peer, woken=True)
+        return peer
+
+    def _expire_parked(self, now: float) -> None:
+        """Parked peers past ``idle_timeout`` are closed and past ``evict_after``
+        evicted, the longest quiet first: each is woken, and the usual paths end it."""
+        until = now - min(self.idle_timeout, self.evict_after)
+        while (peer := self._wake_oldest(until)) is not None:
+            if now - peer.last_seen >= self.idle_timeout:
+                self._terminate(peer, "idle timeout")
+            elif not self._evict(peer):
+                self._arm(peer)
 
     # ---------------------------------------------------- association store
 
@@ -1134,7 +1251,7 @@ class DtlsServer:
 
     def _restore(self, address: Address, key: bytes | None = None) -> _Peer | None:
         store = self.association_store
-        if store is None or len(self._peers) >= self.max_connections:
+        if store is None or len(self) >= self.max_connections:
             return None
         budget = self.max_connection_memory
         if budget is not None and self._conn_bytes + self._association_cost > budget:
@@ -1156,7 +1273,7 @@ class DtlsServer:
             _log.warning("pydtls_ossl: dropped the stored association of %r: %s", address, exc)
             self._stats.restore_failed += 1
             return None
-        peer = _Peer(address, engine, 0.0)
+        peer = _Peer(address, engine, 0.0, self._timer_seq)
         peer.established = True
         peer.last_seen = self._clock()
         self._peers[address] = peer
@@ -1180,6 +1297,11 @@ class DtlsServer:
         moved = 0
         for peer in [p for p in self._peers.values() if p.established]:
             moved += self._evict(peer)
+        while (woken := self._wake_oldest(float("inf"))) is not None:
+            if self._evict(woken):
+                moved += 1
+            else:
+                self._arm(woken)
         return moved
 
     # ------------------------------------------------------------- state
@@ -1207,6 +1329,8 @@ class DtlsServer:
         """The engine of one peer, for introspection (cipher, fingerprints, keys);
         None while a handshake worker holds it."""
         peer = self._peers.get(address)
+        if peer is None and self._lot:
+            peer = self._unpark(address)  # and it stays out of the lot while the caller holds it
         return peer.engine if peer is not None and peer not in self._busy else None
 
     @property
@@ -1215,6 +1339,7 @@ class DtlsServer:
         self._stats.hello_verify_requests = self._hello_verify_requests
         self._stats.handshake_memory = self._hs_bytes
         self._stats.connection_memory = self._conn_bytes
+        self._stats.parked = len(self._lot)
         return self._stats
 
     @property
@@ -1222,7 +1347,7 @@ class DtlsServer:
         return self._handshaking
 
     def __len__(self) -> int:
-        return len(self._peers)
+        return len(self._peers) + len(self._lot)
 
     def __contains__(self, address: Any) -> bool:
-        return address in self._peers
+        return address in self._peers or address in self._lot
