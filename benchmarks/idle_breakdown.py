@@ -40,7 +40,8 @@ from pydtls_ossl import Dtls, generate_certificate  # noqa: E402
 from pydtls_ossl._ffi import ffi  # noqa: E402
 from pydtls_ossl.server import DtlsServer  # noqa: E402
 
-STRUCTS = {"pd_conn": "pd_conn", "struct pd_rl": "struct pd_rl", "pd_node": "pd_node"}
+STRUCTS = {"pd_conn": "pd_conn", "struct pd_rl": "struct pd_rl", "pd_node": "pd_node",
+           "pd_lot_entry": "pd_lot_entry"}
 
 
 def struct_sizes() -> dict[str, int]:
@@ -48,7 +49,7 @@ def struct_sizes() -> dict[str, int]:
     sys.path.insert(0, str(HERE.parent))
     import build_ffi  # noqa: PLC0415
 
-    source = build_ffi._source() + "".join(
+    source = "#define _GNU_SOURCE\n" + build_ffi._source() + "".join(  # io.c: recvmmsg
         f"const unsigned long pd_sizeof_{i} = sizeof({c});\n" for i, c in enumerate(STRUCTS.values()))
     done = subprocess.run([os.environ.get("CC", "cc"), "-w", "-S", "-o", "-", "-x", "c", "-"],
                           input=source, capture_output=True, text=True)
@@ -151,18 +152,24 @@ def report(suite: str, count: int) -> None:
     rss1, heap1, py1 = run.rss(), run.malloc_in_use(), run.pymalloc_in_use()
     server = setup.server
     released = sum(1 for p in server._peers.values() if p.conn.buffers_released)
-    print(f"{suite} ({run.SUITES[suite]}): {len(server):,} peers idle, {released:,} released, "
+    parked = server.stats.parked
+    print(f"{suite} ({run.SUITES[suite]}): {len(server):,} peers idle, {parked:,} parked in C "
+          f"(csrc/lot.c), {released:,} more released in memory, "
           f"in {time.perf_counter() - started:.1f} s, clients in this process (dropped when done)")
+    if parked:
+        print(f"  parked: no Python objects; the lot counts {server.stats.connection_memory / len(server):,.0f} B "
+              f"per peer (its entry, and the sealed association or the pd_conn)")
     print(f"  per peer: C heap (mallinfo2) {(heap1 - heap0) / count:,.0f} B, "
           f"pymalloc blocks {(py1 - py0) / count:,.0f} B (RSS here {(rss1 - rss0) / count:,.0f} B: "
           f"clients in-process, so not the row's)")
 
-    print("  Python objects per peer (sys.getsizeof):")
-    total = 0.0
-    for name, size in python_objects(server):
-        total += size
-        print(f"    {name:<58} {size:>7,.0f} B")
-    print(f"    {'sum':<58} {total:>7,.0f} B")
+    if server._peers:
+        print("  Python objects per peer in memory (sys.getsizeof):")
+        total = 0.0
+        for name, size in python_objects(server):
+            total += size
+            print(f"    {name:<58} {size:>7,.0f} B")
+        print(f"    {'sum':<58} {total:>7,.0f} B")
 
     traced = min(count, 3_000)  # a second core, traced: tracemalloc's own traces use malloc too
     second = Setup(suite)

@@ -53,7 +53,7 @@ from pydtls_ossl import Dtls, DtlsContext, generate_certificate, openssl_version
 from pydtls_ossl.server import (ConnectionEstablished, ConnectionEvicted,  # noqa: E402
                                 ConnectionRestored, DataReceived, DtlsServer)
 from pydtls_ossl.certs import certificate_fingerprint  # noqa: E402
-from pydtls_ossl.stores import MemoryAssociationStore  # noqa: E402
+from pydtls_ossl.stores import DirectoryAssociationStore  # noqa: E402
 
 CIPHER = "ECDHE-ECDSA-AES128-GCM-SHA256"
 GROUPS = "X25519:P-256"
@@ -553,17 +553,16 @@ def _recv_frame(stream) -> object:  # type: ignore[no-untyped-def]
     return pickle.loads(stream.read(int.from_bytes(head, "big")))
 
 
-class CountingStore(MemoryAssociationStore):
-    """A MemoryAssociationStore that keeps the total size of the blobs it holds."""
+class DiskStore(DirectoryAssociationStore):
+    """A DirectoryAssociationStore that keeps the total size of the blobs it holds."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
         self.sealed_bytes = 0
 
     def put(self, key: bytes, blob: bytes) -> None:
-        old = super().take(key)
-        self.sealed_bytes += len(blob) - (len(old) if old is not None else 0)
         super().put(key, blob)
+        self.sealed_bytes += len(blob)
 
     def take(self, key: bytes) -> bytes | None:
         blob = super().take(key)
@@ -572,7 +571,7 @@ class CountingStore(MemoryAssociationStore):
         return blob
 
 
-def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, evict: bool) -> int:
+def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, mode: str) -> int:
     """A DtlsServer alone in this process, fed through stdin/stdout by ``CoreChild``.
 
     The clients live in the parent, so this process's RSS is the server's own:
@@ -580,7 +579,8 @@ def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, evict:
     """
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames on the pipe
-    store = CountingStore() if evict else None
+    store = DiskStore(mode.split(":", 1)[1]) if mode.startswith("disk:") else None  # else "keep"
+    evict = store is not None
     ctx = suite_server_context(suite, cert_path, key_path,
                                [bytes(range(32))] if evict else None)
     clock = [1000.0]
@@ -667,12 +667,12 @@ class CoreChild:
 
     GROUP = 32
 
-    def __init__(self, suite: str, cols: "Columns", evict: bool = False) -> None:
+    def __init__(self, suite: str, cols: "Columns", mode: str = "keep") -> None:
         self.suite = suite
         peer = cols.client_cert
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--core-child", suite, str(cols.cert), str(cols.key),
-             peer.fingerprint(), "evict" if evict else "keep"],
+             peer.fingerprint(), mode],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:
@@ -823,8 +823,9 @@ def core_idle_memory(cols: "Columns", suite: str, count: int) -> dict[str, float
 
 
 def core_eviction(cols: "Columns", count: int, sample: int) -> dict[str, object]:
-    """PSK peers in one core, released, evicted into a MemoryAssociationStore, restored."""
-    with CoreChild("psk", cols, evict=True) as child:
+    """PSK peers in one core, released (parked), evicted into a directory store (on disk,
+    so the child's RSS holds none of the blobs), restored."""
+    with tempfile.TemporaryDirectory() as store, CoreChild("psk", cols, f"disk:{store}") as child:
         child.warm_up()
         before = child.call("memory")
         clients = child.populate(count, keep=sample)  # quiet: buffers, cipher contexts released
@@ -941,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.core_child:
         suite, cert_path, key_path, client_fp, mode = args.core_child
-        return core_child(suite, cert_path, key_path, client_fp, mode == "evict")
+        return core_child(suite, cert_path, key_path, client_fp, mode)
     if args.count_child:
         global COUNT_LIMIT
         method, count, cert_path, key_path, *extra = args.count_child
