@@ -153,11 +153,11 @@ static pd_lot_entry **pd_lot_alt_slot(pd_lot *lot, const unsigned char *alt, siz
     return slot;
 }
 
-/* Double both tables once they hold as many entries as buckets; a failed
- * allocation keeps the old ones (longer chains, nothing lost). */
-static void pd_lot_grow(pd_lot *lot)
+/* Rehash into tables of n buckets: doubled once they hold as many entries as
+ * buckets, halved once a quarter (so an emptied lot gives its tables back); a
+ * failed allocation keeps the old ones (other chain lengths, nothing lost). */
+static void pd_lot_resize(pd_lot *lot, size_t n)
 {
-    size_t n = (lot->mask + 1) * 2;
     pd_lot_entry **fresh = calloc(n, sizeof(*fresh)), **alts = calloc(n, sizeof(*alts)), *e;
     if (fresh == NULL || alts == NULL) {
         free(fresh);
@@ -258,7 +258,7 @@ static size_t pd_lot_put(pd_lot *lot, const unsigned char *key, size_t len,
     else
         lot->oldest = e;
     if (++lot->count > lot->mask)
-        pd_lot_grow(lot);
+        pd_lot_resize(lot, (lot->mask + 1) * 2);
     return (size_t)e->mem;
 }
 
@@ -293,6 +293,8 @@ static pd_conn *pd_lot_unlink(pd_lot *lot, pd_lot_entry *e, unsigned char *key_o
     else
         lot->newest = e->older;
     lot->count--;
+    if (lot->mask + 1 > PD_LOT_MIN_BUCKETS && lot->count < (lot->mask + 1) / 4)
+        pd_lot_resize(lot, (lot->mask + 1) / 2);
     if (key_out != NULL) {
         memcpy(key_out, e->data, e->key_len);
         *key_len = e->key_len;

@@ -64,7 +64,8 @@ _PY_PEER_BYTES = 650
 #: argument): more, and the application keeps it, so its peer is not parked
 _ENGINE_UNSHARED = 2
 #: bytes that peers ending in handle_timeout() (closed, evicted) gave back, after
-#: which it returns the heap's free pages to the system (glibc keeps them otherwise)
+#: which the heap's free pages go back to the system (glibc keeps them otherwise)
+#: once the application has taken the events (events(), next_event())
 _TRIM_AFTER_BYTES = 4 << 20
 #: A handshaking peer's datagrams waiting for its step on a worker; more are dropped.
 _MAX_PENDING = 64
@@ -968,7 +969,11 @@ class DtlsServer:
     def next_event(self) -> ServerEvent | None:
         if self._results and not self._collecting:
             self._collect()
-        return self._taken(self._events.popleft()) if self._events else None
+        if self._events:
+            return self._taken(self._events.popleft())
+        if self._freed > _TRIM_AFTER_BYTES:
+            self._trim()
+        return None
 
     def events(self) -> Iterator[ServerEvent]:
         """Drain the pending events."""
@@ -977,6 +982,8 @@ class DtlsServer:
         events, taken = self._events, self._taken
         while events:
             yield taken(events.popleft())
+        if self._freed > _TRIM_AFTER_BYTES:
+            self._trim()
 
     # ------------------------------------------------------------ timers
 
@@ -1039,6 +1046,8 @@ class DtlsServer:
         if self._results and not self._collecting:
             self._collect()
         now = self._clock()
+        if self._freed > _TRIM_AFTER_BYTES:
+            self._trim()
         held = self._conn_bytes + self._hs_bytes
         while (top := self._live_top()) is not None and top[0] <= now:
             heapq.heappop(self._timers)
@@ -1077,7 +1086,11 @@ class DtlsServer:
         if self._lot:
             self._expire_parked(now)
         self._freed += max(0, held - self._conn_bytes - self._hs_bytes)
-        if self._freed > _TRIM_AFTER_BYTES:
+
+    def _trim(self) -> None:
+        """Give the heap's free pages back once enough peers ended, after the
+        application took the events that ended them (they hold memory too)."""
+        if self._freed > _TRIM_AFTER_BYTES and not self._events:
             self._freed = 0
             lib.pd_trim_heap()
 
