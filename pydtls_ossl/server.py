@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import sys
 import time
 import weakref
 from collections import deque
@@ -55,14 +54,12 @@ _HELLO_VALID = lib.PD_HELLO_VALID
 _ESTABLISHED = lib.PD_STATE_ESTABLISHED
 _FAILED = lib.PD_STATE_FAILED
 _CID_RECORD = b"\x19"  # tls12_cid (RFC 9146)
+_HANDSHAKE_RECORD = b"\x16"
 _pd_memory = lib.pd_memory
 #: What a peer's Python objects cost beside its engine's C memory (the ``_Peer``,
 #: the ``Dtls``, the cffi pointer, the address key and its timer entry; the README's
 #: idle-memory breakdown measures ~0.65 KB).
 _PY_PEER_BYTES = 650
-#: references to an engine only its _Peer holds (that slot and getrefcount's
-#: argument): more, and the application keeps it, so its peer is not parked
-_ENGINE_UNSHARED = 2
 #: bytes that peers ending in handle_timeout() (closed, evicted) gave back, after
 #: which the heap's free pages go back to the system (glibc keeps them otherwise)
 #: once the application has taken the events (events(), next_event())
@@ -195,7 +192,7 @@ class ServerStats:
 
 class _Peer:
     __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
-                 "generation", "dirty", "replacement", "replacement_deadline", "cid", "mem")
+                 "generation", "dirty", "replacement", "replacement_deadline", "cid", "mem", "lent")
 
     def __init__(self, address: Address, engine: Dtls, deadline: float, generation: int) -> None:
         self.address = address
@@ -214,6 +211,7 @@ class _Peer:
         # the server's handshake or connection total; negative while its buffers are
         # released, so the next datagram or send() knows to measure it again
         self.mem = 0
+        self.lent = False  # connection() gave the application its engine: never parked
 
 
 class DtlsServer:
@@ -231,7 +229,7 @@ class DtlsServer:
     Python objects go, and on the engine's record layer its association is
     sealed under a key only this server holds (~250 bytes, the engine freed).
     It comes back, the same association, on its next datagram or any call
-    that names it; a peer whose engine the application holds stays in memory.
+    that names it; a peer whose engine ``connection()`` handed out stays in memory.
     ``handshake_timeout`` defaults to the context's. ``clock`` (seconds,
     monotonic) is injectable for tests; retransmission timers are OpenSSL's.
 
@@ -415,8 +413,8 @@ class DtlsServer:
             return
         peer = self._peers.get(address)
         if peer is None:
-            if self._lot:
-                peer = self._unpark(address)
+            if self._lot and (datagram[:1] == _HANDSHAKE_RECORD or _has_protected_record(datagram)):
+                peer = self._unpark(address)  # not for garbage: a wake-up costs an import
             if peer is None and self.association_store is not None and _has_protected_record(datagram):
                 peer = self._restore(address)  # maybe a stored peer's
             if peer is None:
@@ -1099,11 +1097,10 @@ class DtlsServer:
     def _park(self, peer: _Peer) -> bool:
         """Move a quiet established peer into the lot, dropping its Python objects;
         False keeps it here (output or records pending, a replacement handshake,
-        a worker's, an address the lot cannot key, or an engine the application holds)."""
+        a worker's, an address the lot cannot key, or an engine lent by connection())."""
         conn = peer.conn
         if peer.replacement is not None or peer.dirty or conn.out_len or conn.plain_count \
-                or conn.state != _ESTABLISHED or peer in self._busy \
-                or sys.getrefcount(peer.engine) > _ENGINE_UNSHARED:
+                or conn.state != _ESTABLISHED or peer in self._busy or peer.lent:
             return False
         mem = self._lot.park(peer.address, peer.cid, conn, peer.last_seen)
         if not mem:
@@ -1340,11 +1337,16 @@ class DtlsServer:
 
     def connection(self, address: Address) -> Dtls | None:
         """The engine of one peer, for introspection (cipher, fingerprints, keys);
-        None while a handshake worker holds it."""
+        None while a handshake worker holds it. The application may keep it, so
+        that peer is never parked from now on (the events carry the peer's
+        fingerprint and PSK identity without it)."""
         peer = self._peers.get(address)
         if peer is None and self._lot:
-            peer = self._unpark(address)  # and it stays out of the lot while the caller holds it
-        return peer.engine if peer is not None and peer not in self._busy else None
+            peer = self._unpark(address)
+        if peer is None or peer in self._busy:
+            return None
+        peer.lent = True
+        return peer.engine
 
     @property
     def stats(self) -> ServerStats:

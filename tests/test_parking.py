@@ -94,7 +94,7 @@ def test_send_close_and_connection_take_a_parked_peer_back() -> None:
     for datagram, address in server.datagrams_to_send():
         clients[address].feed(datagram)
     quiet(server, clock)
-    assert server.stats.parked == 1, "the engine the application holds keeps its peer in memory"
+    assert server.stats.parked == 1, "the engine connection() lent keeps its peer in memory"
     assert addr(0) not in server._peers and addr(1) in server._peers
     del engine
     assert say(server, clients[addr(1)], addr(1), b"still") == [DataReceived(addr(1), b"still")]
@@ -210,3 +210,14 @@ def test_a_parked_connection_id_peer_is_found_by_its_cid_from_a_new_address() ->
     spoofed[-1] ^= 1  # a CID record that does not authenticate moves nothing
     server.feed(bytes(spoofed), ("198.51.100.1", 1))
     assert addr(2) in server and ("198.51.100.1", 1) not in server
+
+
+def test_garbage_from_a_parked_address_does_not_wake_it() -> None:
+    server, net, clock, clients = setup(1)
+    say(server, clients[addr(0)], addr(0), b"first")
+    quiet(server, clock)
+    assert server.stats.parked == 1
+    for junk in (b"", b"\x00" * 40, b"\x17\xfe\xfd" + b"\x00" * 10, b"\x15\xfe\xfd\x00\x00" + b"\x00" * 20):
+        server.feed(junk, addr(0))
+    assert server.stats.parked == 1 and not server._peers
+    assert say(server, clients[addr(0)], addr(0), b"real") == [DataReceived(addr(0), b"real")]
