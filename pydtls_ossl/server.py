@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 from ._errors import ConnectionClosed as ConnectionClosedError
-from ._errors import ConfigurationError, DtlsError, HandshakeError, LimitExceeded
+from ._errors import ConfigurationError, DtlsError, HandshakeError, InternalError, LimitExceeded
 from ._ffi import ffi, lib
 from ._lot import ParkingLot, Taken
 from ._workers import HandshakePool
@@ -47,6 +47,9 @@ PeerPins = Union[Mapping[Address, Pins], Callable[[Address], Pins]]
 ServerVerifyPeer = Callable[[Address, Union[str, None], Union[str, None]], bool]
 _log = logging.getLogger("pydtls_ossl")
 _pd_feed = lib.pd_feed
+_pd_read = lib.pd_read
+_pd_write = lib.pd_write
+_pd_pull = lib.pd_pull
 _pd_cookie_hello = lib.pd_cookie_hello
 _unpack = ffi.unpack
 _NEW_HELLO = lib.PD_NEW_HELLO
@@ -863,11 +866,14 @@ class DtlsServer:
             if peers.get(peer.address) is not peer or peer in busy:
                 peer.dirty = False  # evicted or replaced meanwhile, or a worker's: later
                 continue
-            datagram = peer.engine.pull()
-            if datagram is None:
+            conn = peer.conn
+            n = _pd_pull(conn) if conn.out_len else 0  # the engine's pull(), less a call
+            if n <= 0:
+                if n < 0:
+                    raise InternalError(f"a record larger than the MTU ({conn.mtu})")
                 peer.dirty = False
                 continue
-            out.append((datagram, peer.address))
+            out.append((_unpack(conn.data, n), peer.address))
             dirty.append(peer)
         return out
 
@@ -878,9 +884,15 @@ class DtlsServer:
             peer = self._unpark(address)
         if peer is None or not peer.established:
             raise ConnectionClosedError(f"no established association with {address!r}")
-        if peer.conn.out_len + len(data) > self.max_queued_bytes:
+        conn = peer.conn
+        if conn.out_len + len(data) > self.max_queued_bytes:
             raise LimitExceeded(f"more than {self.max_queued_bytes} bytes queued for {address!r}")
-        n = peer.engine.write(data)
+        try:
+            n: int = _pd_write(conn, data, len(data))
+        except TypeError:  # not bytes: the engine's write() converts it
+            n = -1
+        if n < 0:
+            n = peer.engine.write(data)  # and raises what the engine would
         if peer.mem < 0:
             self._measure(peer)  # its cipher context came back
         if not peer.dirty:
@@ -943,13 +955,15 @@ class DtlsServer:
         """Every record the peer's engine read, as events; past ``max_queued_records``
         unread ones from this peer, newer records are dropped (and counted), so a
         flooding peer cannot make the server hold unbounded input for it."""
-        engine, events, unread, address = peer.engine, self._events, self._unread, peer.address
+        conn, events, unread, address = peer.conn, self._events, self._unread, peer.address
         queued = unread.get(address, 0)
-        while (data := engine.read()) is not None:
+        # straight from C: the engine's read() would raise once a close_notify that
+        # came in the same datagram is reached, and feed() never raises for content
+        while (n := _pd_read(conn)) >= 0:
             if queued >= self.max_queued_records:
                 self._stats.records_dropped += 1
                 continue
-            events.append(DataReceived(address, data))
+            events.append(DataReceived(address, _unpack(conn.data, n)))
             queued += 1
         if queued:
             unread[address] = queued
@@ -977,9 +991,16 @@ class DtlsServer:
         """Drain the pending events."""
         if self._results and not self._collecting:
             self._collect()
-        events, taken = self._events, self._taken
+        events, unread = self._events, self._unread
         while events:
-            yield taken(events.popleft())
+            event = events.popleft()
+            if type(event) is DataReceived:  # _taken(), inline: once per record
+                left = unread[event.address] - 1
+                if left:
+                    unread[event.address] = left
+                else:
+                    del unread[event.address]
+            yield event
         if self._freed > _TRIM_AFTER_BYTES:
             self._trim()
 

@@ -425,3 +425,25 @@ def test_quiet_peers_give_back_buffers_and_get_them_back(certs: Any, client_ctx:
     net.step()
     assert client.read() == b"awake"
     assert len(server) == 1, "releasing buffers is not an idle timeout"
+
+
+@pytest.mark.parametrize("layer", ["engine", "openssl"])
+def test_last_record_and_close_notify_in_one_datagram(certs: Any, client_ctx: DtlsContext,
+                                                      layer: str) -> None:
+    """feed() delivered the record, then raised ConnectionClosed for the close_notify
+    behind it: a peer could crash the server loop by closing politely."""
+    server_ctx = DtlsContext(certs.server.cert_pem, certs.server.key_pem, initial_rto=0.05,
+                             record_layer=layer)  # type: ignore[arg-type]
+    server = DtlsServer(server_ctx)
+    net = Net(server)
+    client = net.add(addr(1), Dtls(context=client_ctx))
+    net.run(lambda: client.is_handshake_finished() and server.handshaking == 0)
+    list(server.events())
+    client.write(b"last words")
+    client.close()
+    [datagram] = drain(client)
+    server.feed(datagram, addr(1))
+    events = list(server.events())
+    assert events[0] == DataReceived(addr(1), b"last words")
+    assert isinstance(events[1], ConnectionTerminated) and events[1].reason == "peer closed"
+    assert addr(1) not in server
