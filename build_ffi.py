@@ -388,9 +388,8 @@ pd_lot *pd_lot_new(SSL_CTX *, unsigned int, unsigned int);
 void pd_lot_free(pd_lot *);
 size_t pd_lot_put(pd_lot *, const unsigned char *, size_t, const unsigned char *, size_t, pd_conn *,
                   double);
-pd_conn *pd_lot_take(pd_lot *, const unsigned char *, size_t, double *, long long *);
-pd_conn *pd_lot_take_alt(pd_lot *, const unsigned char *, size_t, unsigned char *, size_t *, double *,
-                         long long *);
+pd_conn *pd_lot_take(pd_lot *, int, const unsigned char *, size_t, unsigned char *, size_t *, double *,
+                     long long *);
 int pd_lot_has(pd_lot *, const unsigned char *, size_t);
 double pd_lot_oldest_seen(const pd_lot *);
 pd_conn *pd_lot_take_oldest(pd_lot *, double, unsigned char *, size_t *, double *, long long *);

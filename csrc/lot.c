@@ -306,27 +306,17 @@ static pd_conn *pd_lot_unlink(pd_lot *lot, pd_lot_entry *e, unsigned char *key_o
     return conn;
 }
 
-/* Take the conn parked under key (the caller owns it again), or NULL: none
- * there (the count is unchanged) or lost (see pd_lot_unlink). */
-static pd_conn *pd_lot_take(pd_lot *lot, const unsigned char *key, size_t len,
+/* Take the conn parked under key, or under alt key when by_alt (the caller
+ * owns it again; the key it was parked under goes to key_out when asked), or
+ * NULL: none there (the count is unchanged) or lost (see pd_lot_unlink). */
+static pd_conn *pd_lot_take(pd_lot *lot, int by_alt, const unsigned char *key, size_t len,
+                            unsigned char *key_out, size_t *key_len,
                             double *last_seen, long long *mem)
 {
     pd_lot_entry *e;
     if (len == 0 || len > PD_LOT_KEY_MAX)
         return NULL;
-    e = *pd_lot_slot(lot, key, len);
-    return e == NULL ? NULL : pd_lot_unlink(lot, e, NULL, NULL, last_seen, mem);
-}
-
-/* Likewise by alt key; the key it was parked under goes to key_out. */
-static pd_conn *pd_lot_take_alt(pd_lot *lot, const unsigned char *alt, size_t len,
-                                unsigned char *key_out, size_t *key_len,
-                                double *last_seen, long long *mem)
-{
-    pd_lot_entry *e;
-    if (len == 0 || len > PD_LOT_KEY_MAX)
-        return NULL;
-    e = *pd_lot_alt_slot(lot, alt, len);
+    e = by_alt ? *pd_lot_alt_slot(lot, key, len) : *pd_lot_slot(lot, key, len);
     return e == NULL ? NULL : pd_lot_unlink(lot, e, key_out, key_len, last_seen, mem);
 }
 

@@ -9,10 +9,12 @@ imported again when it is taken; any other is kept as its ``pd_conn``.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._ffi import ffi, lib
-from .context import DtlsContext
+
+if TYPE_CHECKING:
+    from .context import DtlsContext
 
 _take = lib.pd_lot_take
 
@@ -87,15 +89,14 @@ class ParkingLot:
         key = lot_key(address) if self._count else None
         if key is None:
             return None
-        conn = _take(self._lot, key, len(key), self._seen, self._mem)
+        conn = _take(self._lot, 0, key, len(key), ffi.NULL, ffi.NULL, self._seen, self._mem)
         return self._taken(conn, address)
 
     def take_cid(self, cid: bytes) -> Taken | None:
         """The peer parked with Connection ID ``cid`` (None: none)."""
         if not self._count or not cid:
             return None
-        conn = lib.pd_lot_take_alt(self._lot, cid, len(cid), self._key, self._key_len,
-                                   self._seen, self._mem)
+        conn = _take(self._lot, 1, cid, len(cid), self._key, self._key_len, self._seen, self._mem)
         return self._taken(conn, None)
 
     def take_oldest(self, until: float) -> Taken | None:

@@ -387,9 +387,10 @@ class DtlsServer:
                                   else 2 * lib.PD_MEM_CIPHER_CTX + 3000) + _PY_PEER_BYTES
         # handshaking peers by their last datagram's time, the quietest first
         self._progress: dict[_Peer, float] = {}
-        # peers whose engine a worker holds, with the datagrams waiting for it
-        self._busy: dict[_Peer, deque[bytes]] = {}
-        self._doomed: set[_Peer] = set()  # close() asked while a worker held the engine
+        # peers (and restarted peers' new engines) a worker holds, with the datagrams waiting for it
+        self._busy: dict[Union[_Peer, Dtls], deque[bytes]] = {}
+        self._doomed: set[Any] = set()  # peers (or replacements) ended while a worker held the engine
+        self._replacing: dict[Dtls, _Peer] = {}  # restarted peers' new engines a worker holds
         self._collecting = False
         self._pool: HandshakePool | None = None
         self._results: deque[tuple[Any, Any, BaseException | None]] = deque()
@@ -689,7 +690,9 @@ class DtlsServer:
         """Measure what the peer holds now and move the server's total by the change."""
         mem = _pd_memory(peer.conn) + _PY_PEER_BYTES
         if peer.replacement is not None:
-            mem += _pd_memory(peer.replacement._conn)
+            # a worker's replacement is counted as a new hello until its step returns
+            mem += self._hello_cost if peer.replacement in self._busy else \
+                _pd_memory(peer.replacement._conn)
         if peer.established:
             self._conn_bytes += mem - abs(peer.mem)
             peer.mem = -mem if peer.conn.buffers_released else mem
@@ -718,6 +721,9 @@ class DtlsServer:
                 pending = busy.pop(peer, None)
                 if pending is None:
                     continue  # the workers were stopped meanwhile
+                if type(peer) is Dtls:  # a restarted peer's new handshake
+                    self._replacement_stepped(peer, outcome, error, pending)
+                    continue
                 live = peers.get(peer.address) is peer
                 if peer in self._doomed:
                     self._doomed.discard(peer)
@@ -746,6 +752,35 @@ class DtlsServer:
                     self.feed(pending.popleft(), address)
         finally:
             self._collecting = False
+
+    def _replacement_stepped(self, engine: Dtls, outcome: Any, error: BaseException | None,
+                             pending: deque[bytes]) -> None:
+        """A worker's step of a restarted peer's new handshake, applied; then the
+        datagrams for it that came meanwhile."""
+        peer = self._replacing.pop(engine)
+        if engine in self._doomed or peer.replacement is not engine:
+            self._doomed.discard(engine)
+            engine.close()  # dropped (deadline, the old association ended) while it ran
+            return
+        if error is not None:
+            self._drop_replacement(peer)
+            return
+        if outcome is None:
+            self._stats.handshakes_started += 1
+            self._queue_replacement_output(peer)
+            self._measure(peer)
+        else:
+            self._replacement_fed(peer)
+        while pending:
+            if peer.replacement is engine:
+                if engine in self._busy:  # a step of its own again: the rest waits for it
+                    self._busy[engine].extend(pending)
+                    break
+                self._feed_replacement(peer, pending.popleft())
+            elif peer.engine is engine and self._peers.get(peer.address) is peer:
+                self.feed(pending.popleft(), peer.address)  # the new association took over
+            else:
+                break
 
     def _worker_failed(self, peer: _Peer, error: BaseException) -> None:
         if not isinstance(error, DtlsError):
@@ -780,22 +815,49 @@ class DtlsServer:
         cid = self._pick_cid()
         if cid is False:
             return
-        peer.replacement = self._new_engine(datagram, peer.address,
-                                            cid=cid if isinstance(cid, bytes) else None)
-        if peer.replacement is not None:
-            if isinstance(cid, bytes) and cid:
-                self._cids[cid] = peer  # held for the new association (routed by address until then)
-                self._replacement_cids[peer] = cid
-            self._handshaking += 1
+        pool = self._pool
+        replacement = self._new_engine(datagram, peer.address, accept=pool is None,
+                                       cid=cid if isinstance(cid, bytes) else None)
+        if replacement is None:
+            return
+        peer.replacement = replacement
+        if isinstance(cid, bytes) and cid:
+            self._cids[cid] = peer  # held for the new association (routed by address until then)
+            self._replacement_cids[peer] = cid
+        self._handshaking += 1
+        peer.replacement_deadline = self._clock() + self.handshake_timeout
+        if pool is not None:  # its public-key work on a worker, as a new peer's
+            self._busy[replacement] = deque()
+            self._replacing[replacement] = peer
+            pool.submit(replacement, _accept_step, replacement, datagram)
+        else:
             self._measure(peer)
-            peer.replacement_deadline = self._clock() + self.handshake_timeout
             self._queue_replacement_output(peer)
-            self._arm(peer)
+        self._arm(peer)
 
     def _feed_replacement(self, peer: _Peer, datagram: bytes) -> None:
         replacement = peer.replacement
         assert replacement is not None
+        if self._pool is not None:
+            pending = self._busy.get(replacement)
+            if pending is not None:  # its previous step is still running
+                if len(pending) < _MAX_PENDING:
+                    pending.append(datagram)
+                else:
+                    self._stats.dropped += 1
+                return
+            self._busy[replacement] = deque()
+            self._replacing[replacement] = peer
+            self._pool.submit(replacement, _feed_step, replacement, datagram)
+            return
         replacement.feed(datagram)
+        self._replacement_fed(peer)
+
+    def _replacement_fed(self, peer: _Peer) -> None:
+        """After a datagram reached a restarted peer's new handshake: its output, its
+        failure, or its completion (the new association takes the old one's place)."""
+        replacement = peer.replacement
+        assert replacement is not None
         if replacement.state is ConnectionState.FAILED:
             self._drop_replacement(peer)
             return
@@ -825,11 +887,17 @@ class DtlsServer:
     def _drop_replacement(self, peer: _Peer) -> None:
         assert peer.replacement is not None
         self._release_replacement_cid(peer)
-        peer.replacement.close()
+        self._close_replacement(peer.replacement)
         peer.replacement = None
         self._handshaking -= 1
         self._stats.handshakes_failed += 1
         self._measure(peer)
+
+    def _close_replacement(self, replacement: Dtls) -> None:
+        if replacement in self._busy:
+            self._doomed.add(replacement)  # a worker holds it: closed when its step returns
+        else:
+            replacement.close()
 
     def _replacement_timers(self, peer: _Peer, now: float) -> None:
         """Retransmit a restarted peer's handshake, or give it up at its deadline."""
@@ -837,6 +905,8 @@ class DtlsServer:
         if now >= peer.replacement_deadline:
             self._drop_replacement(peer)
             return
+        if peer.replacement in self._busy:
+            return  # a worker holds it; its step re-arms
         try:
             peer.replacement.handle_timeout()
         except DtlsError:
@@ -944,6 +1014,7 @@ class DtlsServer:
             self._results.clear()
             self._busy.clear()
             self._doomed.clear()
+            self._replacing.clear()
         for peer in list(self._peers.values()):
             self._terminate(peer, "server closed")
         while (woken := self._wake_oldest(float("inf"))) is not None:
@@ -991,16 +1062,9 @@ class DtlsServer:
         """Drain the pending events."""
         if self._results and not self._collecting:
             self._collect()
-        events, unread = self._events, self._unread
+        events, taken = self._events, self._taken
         while events:
-            event = events.popleft()
-            if type(event) is DataReceived:  # _taken(), inline: once per record
-                left = unread[event.address] - 1
-                if left:
-                    unread[event.address] = left
-                else:
-                    del unread[event.address]
-            yield event
+            yield taken(events.popleft())
         if self._freed > _TRIM_AFTER_BYTES:
             self._trim()
 
@@ -1346,7 +1410,7 @@ class DtlsServer:
         if peer.replacement is not None:
             self._handshaking -= 1
             self._release_replacement_cid(peer)
-            peer.replacement.close()
+            self._close_replacement(peer.replacement)
         if peer in self._busy:
             self._doomed.add(peer)  # a worker holds the engine: closed when its step returns
         else:

@@ -222,3 +222,43 @@ def test_the_blocking_and_asyncio_servers_pass_handshake_workers(certs: Any) -> 
             assert served.core.workers == 2
         assert served.core.workers == 0
     asyncio.run(main())
+
+
+def test_a_restarted_peers_new_handshake_runs_on_a_worker() -> None:
+    """A peer that restarts on the same address shakes hands again on a worker, while
+    the old association's records keep arriving on the caller's thread."""
+    asked: list[str] = []
+
+    def key(identity: str) -> bytes:
+        asked.append(threading.current_thread().name)
+        return PSK
+
+    server = DtlsServer(DtlsContext(psk_keys=key, ciphers="PSK-AES128-CCM8", initial_rto=0.05),
+                        handshake_workers=2)
+    net = WorkerNet(server)
+    cctx = DtlsContext(psk=("device", PSK), ciphers="PSK-AES128-CCM8", initial_rto=0.05)
+    old = net.add(addr(1), Dtls(context=cctx))
+    net.run(lambda: old.is_handshake_finished() and server.handshaking == 0)
+    asked.clear()
+    net.events.clear()
+    new = Dtls(context=cctx)
+    new.handshake()
+    hello = new.pull()
+    assert hello is not None
+    server.feed(hello, addr(1))  # the cookie exchange
+    [(hvr, _)] = server.datagrams_to_send()
+    new.feed(hvr)
+    server.feed(drain(new)[0], addr(1))  # the hello with its cookie: a worker takes it
+    assert server.handshaking == 1 and server._replacing
+    old.write(b"old, meanwhile")
+    server.feed(drain(old)[0], addr(1))
+    assert DataReceived(addr(1), b"old, meanwhile") in list(server.events())
+    net.clients[addr(1)] = new
+    net.run(lambda: new.is_handshake_finished() and server.stats.restarts == 1)
+    assert asked and threading.main_thread().name not in asked
+    assert [e.reason for e in net.events if isinstance(e, ConnectionTerminated)] == ["peer restarted"]
+    new.write(b"new association")
+    net.run(lambda: any(isinstance(e, DataReceived) and e.data == b"new association"
+                        for e in net.events))
+    assert server.handshaking == 0 and not server._busy and not server._replacing
+    server.close_all()
