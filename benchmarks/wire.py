@@ -6,7 +6,12 @@
 ``wire_c.c`` (compiled here, like ``bench_c.c``) is both the load generator
 (N associations, ECDHE-ECDSA-AES128-GCM, closed-loop echo, one request in
 flight per association) and the reference server (DTLSv1_listen + epoll, a
-connected socket per peer). The Python servers are ``wire_servers.py``. Each
+connected socket per peer). The Python servers are ``wire_servers.py``. The
+``pion/dtls`` column is an independent reference outside OpenSSL: ``wire_pion.go``
+(pion/dtls v2, Go's defaults, so as many threads as CPUs), built here like
+``wire_c.c`` when ``go`` and Debian's pion sources (golang-github-pion-dtls.v2-dev,
+under /usr/share/gocode) are installed, offline in GOPATH mode; without them the
+column says n/a and one line says why. Each
 measurement starts a fresh server, completes N handshakes, warms up, then
 counts one window; surfaces alternate within each round and the medians are
 reported, with ratios to the C server of the same run. Server CPU per echo is
@@ -39,6 +44,11 @@ SURFACES = (("C server", "c"), ("plain loop", "plain"), ("batch loop", "batch"),
             ("aio.serve", "aio"), ("listen()", "listen"), ("aio.serve x2 workers", "aio2"))
 #: the surfaces as they were: one recvfrom/sendto per datagram (full runs only)
 BEFORE = (("aio, no batch", "aio-nobatch"), ("listen, no batch", "listen-nobatch"))
+#: the independent reference, when it can be built (``build_pion``)
+PION = (("pion/dtls", "pion"),)
+#: where Debian's golang-*-dev packages put their sources (a GOPATH root)
+DEBIAN_GOCODE = Path("/usr/share/gocode")
+PION_PACKAGES = ("github.com/pion/dtls/v2", "github.com/pion/udp")
 
 
 def compile_c(workdir: Path) -> Path | None:
@@ -51,6 +61,62 @@ def compile_c(workdir: Path) -> Path | None:
     return binary
 
 
+def build_pion(workdir: Path) -> tuple[Path | None, str]:
+    """``wire_pion.go`` built in ``workdir``, or None and why not.
+
+    Offline, in GOPATH mode over Debian's sources: the program sits in its own
+    GOPATH entry with a go.mod, which is what lets Go resolve pion's ``/v2``
+    import paths to Debian's unversioned directories (minimal module
+    compatibility); no module proxy or download is ever asked. Go's own build
+    cache is used (a cold build compiles pion and the standard library: ~20 s).
+    """
+    go = shutil.which("go")
+    if go is None:
+        return None, "no go (apt-get install golang-go golang-github-pion-dtls.v2-dev)"
+    missing = [p for p in PION_PACKAGES if not (DEBIAN_GOCODE / "src" / p).is_dir()]
+    if missing:
+        return None, f"no {', '.join(missing)} under {DEBIAN_GOCODE} (golang-github-pion-dtls.v2-dev)"
+    package = workdir / "gopath" / "src" / "wire_pion"
+    package.mkdir(parents=True)
+    shutil.copy(HERE / "wire_pion.go", package / "main.go")
+    (package / "go.mod").write_text("module wire_pion\n")
+    binary = workdir / "wire_pion"
+    env = dict(os.environ, GO111MODULE="off", GOPATH=f"{DEBIAN_GOCODE}:{workdir / 'gopath'}",
+               GOPROXY="off", GOFLAGS="", CGO_ENABLED="0")
+    if not any(env.get(k) for k in ("GOCACHE", "XDG_CACHE_HOME", "HOME")):
+        env["GOCACHE"] = str(workdir / "gocache")
+    try:
+        done = subprocess.run([go, "build", "-trimpath", "-o", str(binary), "."], cwd=package, env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return None, "go build took over 300 s"
+    if done.returncode != 0:
+        return None, "go build failed: " + (done.stderr.strip().splitlines() or ["?"])[0][:160]
+    return binary, ""
+
+
+def pion_version() -> str:
+    """The installed pion/dtls, from Debian's package database (the sources carry no version)."""
+    try:
+        done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "golang-github-pion-dtls.v2-dev"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return done.stdout.strip() or "?"
+
+
+def runtime_version() -> str:
+    """``go version``'s Go release, e.g. go1.19.8 (the pion column's runtime)."""
+    go = shutil.which("go")
+    if go is None:
+        return "go ?"
+    try:
+        done = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "go ?"
+    return done.stdout.strip() or "go ?"
+
+
 def _prepare(workdir: Path) -> tuple[Path | None, Path, Path]:
     """The load generator built in ``workdir``, and a server certificate and key there."""
     cert = generate_certificate("wire.pydtls", key_type="ec")
@@ -60,10 +126,14 @@ def _prepare(workdir: Path) -> tuple[Path | None, Path, Path]:
 
 
 def measure(binary: Path, cert: Path, key: Path, surface: str, clients: int, size: int,
-            warmup: float, window: float) -> dict[str, float] | None:
+            warmup: float, window: float, pion: Path | None = None) -> dict[str, float] | None:
     lifetime = 90 + warmup + window
     if surface == "c":
         command = [str(binary), "server", "0", str(cert), str(key), str(lifetime)]
+    elif surface == "pion":
+        if pion is None:
+            return None
+        command = [str(pion), "0", str(cert), str(key), str(lifetime)]
     else:
         command = [sys.executable, str(HERE / "wire_servers.py"), surface, "0", str(cert), str(key),
                    str(lifetime)]
@@ -93,27 +163,32 @@ def measure(binary: Path, cert: Path, key: Path, surface: str, clients: int, siz
 
 
 def run(quick: bool, rounds: int | None = None, window: float | None = None,
-        before: bool | None = None) -> list[str]:
+        before: bool | None = None, pion: bool = True) -> list[str]:
     scenarios = QUICK_SCENARIOS if quick else SCENARIOS
     rounds = rounds or (1 if quick else 3)
     window = window or (0.5 if quick else 2.0)
     warmup = 0.2 if quick else 0.5
-    surfaces = SURFACES + (BEFORE if (not quick if before is None else before) else ())
+    surfaces = SURFACES + (BEFORE if (not quick if before is None else before) else ()) + PION
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         binary, cert_path, key_path = _prepare(Path(tmp))
         if binary is None:
             return ["wire: no C compiler, no load generator: skipped"]
+        pion_binary, pion_why = build_pion(Path(tmp)) if pion else (None, "not asked for (--no-pion)")
+        measured = surfaces if pion_binary else surfaces[:-1]
+        print(f"  [wire: pion/dtls {'built' if pion_binary else 'n/a, ' + pion_why}]", file=sys.stderr,
+              flush=True)
         samples: dict[tuple[int, int, str], list[dict[str, float]]] = {}
         started = time.perf_counter()
         for r in range(rounds):
             for clients, size in scenarios:
-                order = surfaces if r % 2 == 0 else tuple(reversed(surfaces))
+                order = measured if r % 2 == 0 else tuple(reversed(measured))
                 for _, surface in order:
-                    result = measure(binary, cert_path, key_path, surface, clients, size, warmup, window)
+                    result = measure(binary, cert_path, key_path, surface, clients, size, warmup, window,
+                                     pion_binary)
                     if result is None:  # a server or handshake hiccup: once more
                         result = measure(binary, cert_path, key_path, surface, clients, size, warmup,
-                                         window)
+                                         window, pion_binary)
                     if result is not None:
                         samples.setdefault((clients, size, surface), []).append(result)
                 print(f"  [{time.perf_counter() - started:6.1f} s] wire round {r + 1}: "
@@ -164,14 +239,24 @@ def run(quick: bool, rounds: int | None = None, window: float | None = None,
             client = "n/a" if ccpu is None else f"{ccpu:.1f} us, {busy:.0%}"
             lines.append(f"| {clients} x {size} | " + " | ".join(cells) + f" | {client} |")
         lines.append("")
-        plain = {(c, s): med(c, s, "plain", "rate") for c, s in scenarios}
-        cserver = {(c, s): med(c, s, "c", "rate") for c, s in scenarios}
-        for name, surface in surfaces[2:]:
-            vs_plain = [f"{(med(c, s, surface, 'rate') or 0) / p:.2f}x" if p else "n/a"
-                        for (c, s), p in plain.items()]
-            vs_c = [f"{(med(c, s, surface, 'rate') or 0) / b:.2f}x" if b else "n/a"
-                    for (c, s), b in cserver.items()]
-            lines.append(f"{name:>16}: vs plain loop {' '.join(vs_plain)}; vs C server {' '.join(vs_c)}")
+
+        def versus(surface: str, reference: str) -> str:
+            ratios = []
+            for c, s in scenarios:
+                base = med(c, s, reference, "rate")
+                ratios.append(f"{(med(c, s, surface, 'rate') or 0) / base:.2f}x" if base else "n/a")
+            return " ".join(ratios)
+
+        for name, surface in measured[2:]:
+            line = f"{name:>16}: vs plain loop {versus(surface, 'plain')}; vs C server {versus(surface, 'c')}"
+            if pion_binary and surface != "pion":
+                line += f"; vs pion/dtls {versus(surface, 'pion')}"
+            lines.append(line)
+        if pion_binary:
+            threads = os.environ.get("GOMAXPROCS", f"{os.cpu_count()} (the CPUs)")
+            lines.append(f"pion/dtls {pion_version()} (Debian), {runtime_version()}, GOMAXPROCS {threads}")
+        else:
+            lines.append(f"pion/dtls: n/a, {pion_why}")
     return lines
 
 
@@ -226,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, help="seconds counted per measurement")
     parser.add_argument("--before", action="store_true",
                         help="also the asyncio and listener surfaces without batching")
+    parser.add_argument("--no-pion", action="store_true",
+                        help="skip the pion/dtls column (no Go build)")
     parser.add_argument("--instructions", action="store_true",
                         help="server instructions per echo under callgrind instead of timing")
     args = parser.parse_args(argv)
     if args.instructions:
         print("\n".join(instructions()))
         return 0
-    for line in run(args.quick, args.rounds, args.window, True if args.before else None):
+    for line in run(args.quick, args.rounds, args.window, True if args.before else None,
+                    pion=not args.no_pion):
         print(line)
     return 0
 
