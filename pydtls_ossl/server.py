@@ -459,17 +459,23 @@ class DtlsServer:
         progress.pop(peer, None)
         progress[peer] = self._clock()  # the quietest handshakes stay first
         if self._pool is not None:
-            pending = self._busy.get(peer)
-            if pending is not None:  # its previous step is still running
-                if len(pending) < _MAX_PENDING:
-                    pending.append(datagram)
-                else:
-                    self._stats.dropped += 1
-                return
-            self._busy[peer] = deque()
-            self._pool.submit(peer, _feed_step, peer.engine, datagram)
+            self._feed_on_worker(peer, peer.engine, datagram)
             return
         self._handshake_fed(peer, _pd_feed(peer.conn, datagram, len(datagram)), datagram)
+
+    def _feed_on_worker(self, key: _Peer | Dtls, engine: Dtls, datagram: bytes) -> None:
+        """Feed a handshaking engine on a worker, or queue the datagram behind the step
+        that one still runs for ``key`` (past ``_MAX_PENDING`` waiting, it is dropped)."""
+        pending = self._busy.get(key)
+        if pending is not None:
+            if len(pending) < _MAX_PENDING:
+                pending.append(datagram)
+            else:
+                self._stats.dropped += 1
+            return
+        assert self._pool is not None
+        self._busy[key] = deque()
+        self._pool.submit(key, _feed_step, engine, datagram)
 
     def _handshake_fed(self, peer: _Peer, n: int, datagram: bytes) -> None:
         """What a handshaking engine's ``pd_feed`` of ``datagram`` returned, applied."""
@@ -839,16 +845,8 @@ class DtlsServer:
         replacement = peer.replacement
         assert replacement is not None
         if self._pool is not None:
-            pending = self._busy.get(replacement)
-            if pending is not None:  # its previous step is still running
-                if len(pending) < _MAX_PENDING:
-                    pending.append(datagram)
-                else:
-                    self._stats.dropped += 1
-                return
-            self._busy[replacement] = deque()
             self._replacing[replacement] = peer
-            self._pool.submit(replacement, _feed_step, replacement, datagram)
+            self._feed_on_worker(replacement, replacement, datagram)
             return
         replacement.feed(datagram)
         self._replacement_fed(peer)
