@@ -787,6 +787,8 @@ class DtlsServer:
                 self.feed(pending.popleft(), peer.address)  # the new association took over
             else:
                 break
+        if self._peers.get(peer.address) is peer:
+            self._arm(peer)  # with the new handshake's retransmission timer
 
     def _worker_failed(self, peer: _Peer, error: BaseException) -> None:
         if not isinstance(error, DtlsError):
@@ -1081,7 +1083,8 @@ class DtlsServer:
             if when <= now:  # an eviction that could not be done (yet): try again later
                 when = now + self.release_after
             if peer.replacement is not None:  # a restarted peer's handshake, with its own timers
-                timer = peer.replacement.get_timeout()
+                # (not read while a worker holds it: its step's result re-arms)
+                timer = None if peer.replacement in self._busy else peer.replacement.get_timeout()
                 when = min(when, peer.replacement_deadline,
                            when if timer is None else now + timer)
         else:
