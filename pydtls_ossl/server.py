@@ -66,7 +66,11 @@ _PY_PEER_BYTES = 650
 #: bytes that peers ending in handle_timeout() (closed, evicted) gave back, after
 #: which the heap's free pages go back to the system (glibc keeps them otherwise)
 #: once the application has taken the events (events(), next_event())
-_TRIM_AFTER_BYTES = 4 << 20
+_TRIM_AFTER_BYTES = 1 << 20
+#: Parked peers one handle_timeout() closes or evicts at most; get_timeout() is 0
+#: while more are due. A sweep of 100,000 would stall the caller for seconds and
+#: queue 100,000 events at once (whose objects then pin CPython's arenas).
+_EXPIRE_PER_CALL = 512
 #: A handshaking peer's datagrams waiting for its step on a worker; more are dropped.
 _MAX_PENDING = 64
 
@@ -1126,7 +1130,11 @@ class DtlsServer:
         return None if when is None else max(0.0, when - self._clock())
 
     def handle_timeout(self) -> None:
-        """Retransmit, expire handshakes past their deadline, close idle peers."""
+        """Retransmit, expire handshakes past their deadline, close idle peers.
+
+        Parked peers are closed or evicted ``_EXPIRE_PER_CALL`` (512) at a time,
+        so one call never stalls the caller for a whole sweep; ``get_timeout()``
+        stays 0 while more are due."""
         if self._results and not self._collecting:
             self._collect()
         now = self._clock()
@@ -1242,7 +1250,10 @@ class DtlsServer:
         """Parked peers past ``idle_timeout`` are closed and past ``evict_after``
         evicted, the longest quiet first: each is woken, and the usual paths end it."""
         until = now - min(self.idle_timeout, self.evict_after)
-        while (peer := self._wake_oldest(until)) is not None:
+        for _ in range(_EXPIRE_PER_CALL):
+            peer = self._wake_oldest(until)
+            if peer is None:
+                break
             if now - peer.last_seen >= self.idle_timeout:
                 self._terminate(peer, "idle timeout")
             elif not self._evict(peer):

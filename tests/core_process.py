@@ -9,7 +9,8 @@ a 4-byte length and a pickle; each request gets one reply:
 
 - ``("feed", [(address, datagram), ...])`` -> ``[(datagram, address), ...]`` to send
   (every record received is echoed back);
-- ``("tick", seconds)`` -> the server's counters, after ``handle_timeout()``;
+- ``("tick", seconds)`` -> the server's counters, after ``handle_timeout()`` (again
+  while ``get_timeout()`` is 0, as a server loop would);
 - ``("rss",)`` -> bytes resident after ``gc.collect()``, and then after
   ``malloc_trim(0)`` too (what is in use, without the allocator's free pages);
 - ``("close_all",)`` -> the number of peers left;
@@ -59,10 +60,13 @@ def main() -> int:
             reply = server.datagrams_to_send()
         elif command == "tick":
             now[0] += message[1]
-            server.handle_timeout()
-            for _ in server.events():
-                pass
-            server.datagrams_to_send()
+            for _ in range(10_000):  # as a server loop runs: while get_timeout() says now
+                server.handle_timeout()
+                for _ in server.events():
+                    pass
+                server.datagrams_to_send()
+                if server.get_timeout() != 0:
+                    break
             reply = dict(dataclasses.asdict(server.stats), peers=len(server))
         elif command == "rss":
             gc.collect()

@@ -221,3 +221,19 @@ def test_garbage_from_a_parked_address_does_not_wake_it() -> None:
         server.feed(junk, addr(0))
     assert server.stats.parked == 1 and not server._peers
     assert say(server, clients[addr(0)], addr(0), b"real") == [DataReceived(addr(0), b"real")]
+
+
+def test_a_sweep_is_done_in_slices_the_timer_asks_for() -> None:
+    """1,200 parked peers time out at once: one handle_timeout() ends 512 of them and
+    get_timeout() says 0 until the rest are done, so no call stalls for the sweep."""
+    server, net, clock, clients = setup(1200, idle_timeout=10)
+    quiet(server, clock)
+    assert server.stats.parked == 1200
+    clock.now += 8
+    ended = []
+    for expected in (688, 176, 0):
+        server.handle_timeout()
+        ended += list(server.events())
+        assert len(server) == expected
+        assert server.get_timeout() == (0 if expected else None)
+    assert len(ended) == 1200 and all(e.reason == "idle timeout" for e in ended)
