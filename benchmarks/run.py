@@ -977,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if quick else 3
     associations = args.associations or (500 if quick else 10_000)
     core_peers = args.core_peers or (1_000 if quick else 100_000)
-    idle_peers = args.idle_peers or (1_000 if quick else 10_000)
+    idle_peers = args.idle_peers or 10_000  # fewer, and a round of handshakes weighs more than the peers
     evict_peers = args.evict_peers or (2_000 if quick else 100_000)
 
     with tempfile.TemporaryDirectory() as tmp:
