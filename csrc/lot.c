@@ -30,7 +30,6 @@ typedef struct pd_lot_entry {
     struct pd_lot_entry *older, *newer;   /* by last_seen */
     pd_conn *conn;                        /* NULL: the sealed association follows the keys */
     double last_seen;
-    long long mem;
     unsigned short key_len, alt_len, blob_len;
     unsigned char data[];                 /* key, alt key (a Connection ID), sealed association */
 } pd_lot_entry;
@@ -239,7 +238,6 @@ static size_t pd_lot_put(pd_lot *lot, const unsigned char *key, size_t len,
     }
     e->conn = conn;
     e->last_seen = last_seen;
-    e->mem = (long long)pd_lot_entry_memory(e);
     e->hnext = e->anext = NULL;
     *slot = e;
     if (aslot != NULL)
@@ -259,7 +257,7 @@ static size_t pd_lot_put(pd_lot *lot, const unsigned char *key, size_t len,
         lot->oldest = e;
     if (++lot->count > lot->mask)
         pd_lot_resize(lot, (lot->mask + 1) * 2);
-    return (size_t)e->mem;
+    return pd_lot_entry_memory(e);
 }
 
 /* Unpark e: its conn (imported if sealed; NULL only when that fails, which
@@ -300,7 +298,7 @@ static pd_conn *pd_lot_unlink(pd_lot *lot, pd_lot_entry *e, unsigned char *key_o
         *key_len = e->key_len;
     }
     *last_seen = e->last_seen;
-    *mem = e->mem;
+    *mem = (long long)pd_lot_entry_memory(e); /* as at pd_lot_put: nothing parked changes */
     OPENSSL_cleanse(e, pd_lot_entry_size(e));
     free(e);
     return conn;
