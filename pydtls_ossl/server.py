@@ -1180,9 +1180,9 @@ class DtlsServer:
         self._freed += max(0, held - self._conn_bytes - self._hs_bytes)
 
     def _trim(self) -> None:
-        """Give the heap's free pages back once enough peers ended, after the
-        application took the events that ended them (they hold memory too)."""
-        if self._freed > _TRIM_AFTER_BYTES and not self._events:
+        """Give the heap's free pages back (callers check that enough peers ended),
+        once the application took the events that ended them (they hold memory too)."""
+        if not self._events:
             self._freed = 0
             lib.pd_trim_heap()
 
@@ -1202,11 +1202,8 @@ class DtlsServer:
                 self._terminate(peer, "no memory to park the association")
             return False
         peer.engine._disown()  # the lot owns it now (or sealed it and freed it)
-        del self._peers[peer.address]
-        self._forget_cid(peer)
-        self._conn_bytes += mem - abs(peer.mem)
-        peer.mem = 0
-        peer.generation += 1
+        self._forget(peer)
+        self._conn_bytes += mem  # counted in the lot now
         return True
 
     def _unpark(self, address: Address) -> _Peer | None:
@@ -1307,16 +1304,10 @@ class DtlsServer:
             _log.exception("pydtls_ossl: cannot store the association of %r; it is closed",
                            peer.address)
             self._stats.restore_failed += 1
-            del self._peers[peer.address]
-            self._forget_cid(peer)
-            self._forget_memory(peer)
-            peer.generation += 1
+            self._forget(peer)
             self._events.append(ConnectionTerminated(peer.address, "association store failed"))
             return True
-        del self._peers[peer.address]
-        self._forget_cid(peer)
-        self._forget_memory(peer)
-        peer.generation += 1
+        self._forget(peer)
         self._stats.evicted += 1
         self._events.append(ConnectionEvicted(peer.address))
         return True
@@ -1332,10 +1323,7 @@ class DtlsServer:
         if not lib.pd_cid_advanced(peer.conn) or peer.conn.state != _ESTABLISHED:
             self._events.pop()  # its ConnectionRestored: it did not happen
             self._stats.restored -= 1
-            del self._peers[address]
-            self._forget_cid(peer)
-            self._forget_memory(peer)
-            peer.generation += 1
+            self._forget(peer)
             if peer.conn.state == _ESTABLISHED and self.association_store is not None:
                 # an authentic but older record (reordered, or held back by someone on the
                 # path) was read: it is dropped, as a lost datagram would be
@@ -1413,10 +1401,15 @@ class DtlsServer:
 
     # ------------------------------------------------------------- state
 
-    def _terminate(self, peer: _Peer, reason: str, error: DtlsError | None = None) -> None:
+    def _forget(self, peer: _Peer) -> None:
+        """The server lets go of a peer: its address, its CID, its bytes, its timer."""
         del self._peers[peer.address]
         self._forget_cid(peer)
         self._forget_memory(peer)
+        peer.generation += 1
+
+    def _terminate(self, peer: _Peer, reason: str, error: DtlsError | None = None) -> None:
+        self._forget(peer)
         if not peer.established:
             self._handshaking -= 1
         if peer.replacement is not None:
@@ -1429,7 +1422,6 @@ class DtlsServer:
             peer.engine.close()
             while (datagram := peer.engine.pull()) is not None:  # close_notify or an alert
                 self._stateless.append((datagram, peer.address))
-        peer.generation += 1
         self._events.append(ConnectionTerminated(peer.address, reason, error))
 
     def connection(self, address: Address) -> Dtls | None:
