@@ -1225,6 +1225,17 @@ class DtlsServer:
                 return peer
         return None
 
+    def _established_peer(self, address: Address, engine: Dtls, last_seen: float) -> _Peer:
+        """An established association (imported, or out of the lot) back as a peer here,
+        routed by address and CID and counted in the connection budget; not yet armed."""
+        peer = _Peer(address, engine, 0.0, self._timer_seq)
+        peer.established = True
+        peer.last_seen = last_seen
+        self._peers[address] = peer
+        self._register_cid(peer)
+        self._measure(peer)
+        return peer
+
     def _wake(self, taken: Taken, arm: bool = True) -> _Peer | None:
         self._conn_bytes -= taken.mem
         if taken.conn is None:  # its sealed association did not import: memory ran out
@@ -1233,12 +1244,8 @@ class DtlsServer:
                        taken.address)
             self._events.append(ConnectionTerminated(taken.address, "parked association lost"))
             return None
-        peer = _Peer(taken.address, Dtls._adopt(taken.conn, self.context), 0.0, self._timer_seq)
-        peer.established = True
-        peer.last_seen = taken.last_seen
-        self._peers[taken.address] = peer
-        self._register_cid(peer)
-        self._measure(peer)
+        peer = self._established_peer(taken.address, Dtls._adopt(taken.conn, self.context),
+                                      taken.last_seen)
         if arm:
             self._arm(peer, woken=True)
         return peer
@@ -1368,12 +1375,7 @@ class DtlsServer:
             _log.warning("pydtls_ossl: dropped the stored association of %r: %s", address, exc)
             self._stats.restore_failed += 1
             return None
-        peer = _Peer(address, engine, 0.0, self._timer_seq)
-        peer.established = True
-        peer.last_seen = self._clock()
-        self._peers[address] = peer
-        self._register_cid(peer)
-        self._measure(peer)
+        peer = self._established_peer(address, engine, self._clock())
         peer.mem = -abs(peer.mem)  # measured again at its first datagram: contexts come back
         self._stats.restored += 1
         self._events.append(ConnectionRestored(address, engine.get_peer_fingerprint(),
