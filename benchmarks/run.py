@@ -638,8 +638,7 @@ def core_child(suite: str, cert_path: str, key_path: str, client_fp: str, mode: 
                 if server.get_timeout() != 0:
                     break
             _send_frame(out, dict(counts))
-        elif command == "memory":
-            gc.collect()
+        elif command == "memory":  # settled_rss() collects first: what follows sees that too
             _send_frame(out, {"rss": settled_rss(), "malloc": malloc_in_use(),
                               "pymalloc": pymalloc_in_use(), "peers": len(server),
                               "stored": len(store) if store is not None else 0,
