@@ -397,6 +397,31 @@ size_t pd_lot_count(const pd_lot *);
 void pd_trim_heap(void);
 """
 
+# DtlsServer's established peers by raw sockaddr for the batched surfaces (csrc/fast.c):
+# a batch in, decrypted; every record queued for them, out in sendmmsg calls. Borrows conns.
+FAST = """
+#define PD_FAST_ADDR ...
+#define PD_FAST_SLOW ...
+#define PD_FAST_FULL ...
+#define PD_FAST_NOT_ENGINE ...
+#define PD_FAST_DONE ...
+#define PD_FAST_UNTOUCHED ...
+#define PD_FAST_ROOM ...
+#define PD_FAST_FED ...
+typedef struct pd_fast pd_fast;
+pd_fast *pd_fast_new(void);
+void pd_fast_free(pd_fast *);
+int pd_fast_put(pd_fast *, const unsigned char *, pd_conn *);
+void pd_fast_drop(pd_fast *, int);
+size_t pd_fast_count(const pd_fast *);
+int pd_fast_input(pd_fast *, const char *, const int *, const int *, const unsigned char *, int, int,
+                  char *, size_t, size_t *, int *, int, int *);
+int pd_fast_write(pd_fast *, int, const char *, size_t, size_t);
+int pd_fast_take_dirty(pd_fast *, int *, int);
+size_t pd_fast_waiting(const pd_fast *);
+int pd_fast_send(pd_fast *, int, int *);
+"""
+
 HEADERS = ("openssl/ssl.h", "openssl/err.h", "openssl/evp.h", "openssl/x509.h",
            "openssl/x509v3.h", "openssl/pem.h", "openssl/bn.h", "openssl/rsa.h",
            "openssl/ec.h", "openssl/crypto.h", "openssl/srtp.h", "openssl/sha.h",
@@ -413,7 +438,7 @@ def _source() -> str:
     sources = "".join((HERE / "csrc" / name).read_text()
                       for name in ("cookie.c", "engine.c", "records.c", "cid.c", "sessions.c", "association.c",
                                    "memory.c", "lot.c")  # after the structs they measure
-                      + IO_SOURCES)
+                      + IO_SOURCES + ("fast.c",))  # fast.c: after io.c, whose sendmmsg helpers it uses
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
     return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
 
@@ -436,7 +461,7 @@ def _sanitizers() -> list[str]:
 SANITIZE = _sanitizers()
 ffi = FFI()
 ffi.cdef(CRYPTO + ERR + BIO + EVP + BN + ASN1 + X509 + PEM + SSL + PSK + ALPN_KEYLOG + SRTP + ENGINE + SESSIONS
-         + ASSOCIATION + MEMORY + LOT + IO)
+         + ASSOCIATION + MEMORY + LOT + IO + FAST)
 ffi.set_source(
     "pydtls_ossl._openssl",
     _source(),

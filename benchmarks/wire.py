@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -163,19 +164,22 @@ def measure(binary: Path, cert: Path, key: Path, surface: str, clients: int, siz
 
 
 def run(quick: bool, rounds: int | None = None, window: float | None = None,
-        before: bool | None = None, pion: bool = True) -> list[str]:
+        before: bool | None = None, pion: bool = True, only: Sequence[str] = ()) -> list[str]:
     scenarios = QUICK_SCENARIOS if quick else SCENARIOS
     rounds = rounds or (1 if quick else 3)
     window = window or (0.5 if quick else 2.0)
     warmup = 0.2 if quick else 0.5
     surfaces = SURFACES + (BEFORE if (not quick if before is None else before) else ()) + PION
+    if only:  # the C server stays: every ratio is to it
+        surfaces = tuple(s for s in surfaces if s[1] in only or s[1] == "c")
+        pion = pion and "pion" in only
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         binary, cert_path, key_path = _prepare(Path(tmp))
         if binary is None:
             return ["wire: no C compiler, no load generator: skipped"]
         pion_binary, pion_why = build_pion(Path(tmp)) if pion else (None, "not asked for (--no-pion)")
-        measured = surfaces if pion_binary else surfaces[:-1]
+        measured = surfaces if pion_binary or surfaces[-1][1] != "pion" else surfaces[:-1]
         print(f"  [wire: pion/dtls {'built' if pion_binary else 'n/a, ' + pion_why}]", file=sys.stderr,
               flush=True)
         samples: dict[tuple[int, int, str], list[dict[str, float]]] = {}
@@ -313,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the asyncio and listener surfaces without batching")
     parser.add_argument("--no-pion", action="store_true",
                         help="skip the pion/dtls column (no Go build)")
+    parser.add_argument("--surfaces", default="",
+                        help="comma-separated surfaces to measure beside the C server "
+                             "(plain,batch,aio,listen,aio2,aio-nobatch,listen-nobatch,pion)")
     parser.add_argument("--instructions", action="store_true",
                         help="server instructions per echo under callgrind instead of timing")
     args = parser.parse_args(argv)
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(instructions()))
         return 0
     for line in run(args.quick, args.rounds, args.window, True if args.before else None,
-                    pion=not args.no_pion):
+                    pion=not args.no_pion, only=[x for x in args.surfaces.split(",") if x]):
         print(line)
     return 0
 

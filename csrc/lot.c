@@ -55,11 +55,12 @@ typedef struct pd_lot {
     v0 += v3; v3 = PD_ROTL(v3, 21); v3 ^= v0; \
     v2 += v1; v1 = PD_ROTL(v1, 17); v1 ^= v2; v2 = PD_ROTL(v2, 32); } while (0)
 
-/* SipHash-1-3: keys are short and the table only needs collisions to be unguessable */
-static uint64_t pd_lot_hash(const pd_lot *lot, const unsigned char *p, size_t len)
+/* SipHash-1-3: keys are short and a table only needs collisions to be unguessable
+ * (the lot's, and fast.c's table of active peers) */
+static uint64_t pd_siphash13(uint64_t k0, uint64_t k1, const unsigned char *p, size_t len)
 {
-    uint64_t v0 = lot->k0 ^ 0x736f6d6570736575ULL, v1 = lot->k1 ^ 0x646f72616e646f6dULL;
-    uint64_t v2 = lot->k0 ^ 0x6c7967656e657261ULL, v3 = lot->k1 ^ 0x7465646279746573ULL;
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
     uint64_t m, b = (uint64_t)len << 56;
     size_t i, left = len & 7;
 
@@ -136,7 +137,7 @@ static void pd_lot_binding(const unsigned char *key, size_t len, unsigned char o
 
 static pd_lot_entry **pd_lot_slot(pd_lot *lot, const unsigned char *key, size_t len)
 {
-    pd_lot_entry **slot = &lot->buckets[pd_lot_hash(lot, key, len) & lot->mask];
+    pd_lot_entry **slot = &lot->buckets[pd_siphash13(lot->k0, lot->k1, key, len) & lot->mask];
     for (; *slot != NULL; slot = &(*slot)->hnext)
         if ((*slot)->key_len == len && memcmp((*slot)->data, key, len) == 0)
             break;
@@ -145,7 +146,7 @@ static pd_lot_entry **pd_lot_slot(pd_lot *lot, const unsigned char *key, size_t 
 
 static pd_lot_entry **pd_lot_alt_slot(pd_lot *lot, const unsigned char *alt, size_t len)
 {
-    pd_lot_entry **slot = &lot->alts[pd_lot_hash(lot, alt, len) & lot->mask];
+    pd_lot_entry **slot = &lot->alts[pd_siphash13(lot->k0, lot->k1, alt, len) & lot->mask];
     for (; *slot != NULL; slot = &(*slot)->anext)
         if ((*slot)->alt_len == len && memcmp((*slot)->data + (*slot)->key_len, alt, len) == 0)
             break;
@@ -164,11 +165,11 @@ static void pd_lot_resize(pd_lot *lot, size_t n)
         return;
     }
     for (e = lot->oldest; e != NULL; e = e->newer) {
-        size_t b = pd_lot_hash(lot, e->data, e->key_len) & (n - 1);
+        size_t b = pd_siphash13(lot->k0, lot->k1, e->data, e->key_len) & (n - 1);
         e->hnext = fresh[b];
         fresh[b] = e;
         if (e->alt_len) {
-            b = pd_lot_hash(lot, e->data + e->key_len, e->alt_len) & (n - 1);
+            b = pd_siphash13(lot->k0, lot->k1, e->data + e->key_len, e->alt_len) & (n - 1);
             e->anext = alts[b];
             alts[b] = e;
         }

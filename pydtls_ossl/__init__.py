@@ -17,6 +17,7 @@ from .context import DEFAULT_CIPHERS, DEFAULT_GROUPS, DtlsContext, Verify
 from .engine import CONTINUE, FINISHED, ConnectionState, Dtls, HandshakeStatus
 from .server import (AddressChanged, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
                      ConnectionTerminated, DataReceived, DtlsServer, ServerStats)
+from .server_socket import ServerSocket
 from .srtp import SrtpKeys, SrtpProfile
 from .stores import (AssociationStore, DirectoryAssociationStore, MemoryAssociationStore,
                      MemorySessionStore, SessionStore)
@@ -27,7 +28,7 @@ __all__ = [
     "Alert", "AlertDescription", "AlertReceived", "AssociationError", "CONTINUE", "Certificate", "CertificateError",
     "AddressChanged", "ConfigurationError", "ConnectionClosed", "ConnectionEstablished", "ConnectionEvicted", "ConnectionRestored", "ConnectionState",
     "ConnectionTerminated", "DEFAULT_CIPHERS", "DEFAULT_GROUPS", "DataReceived", "Dtls",
-    "DtlsContext", "DtlsError", "DtlsServer", "ServerStats", "FINISHED", "FingerprintMismatch",
+    "DtlsContext", "DtlsError", "DtlsServer", "ServerSocket", "ServerStats", "FINISHED", "FingerprintMismatch",
     "HandshakeError", "HandshakeStatus", "InternalError", "LimitExceeded", "ResumptionWarning", "AssociationStore", "DirectoryAssociationStore", "MemoryAssociationStore",
     "MemorySessionStore", "SessionStore", "SrtpKeys",
     "SrtpProfile", "Verify",

@@ -15,6 +15,7 @@ Only the socket surfaces use this module; the sans-IO layers never do.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from ._ffi import ffi, lib
 
-__all__ = ["BatchIO", "PlainIO", "batch_available", "datagram_io"]
+__all__ = ["BatchIO", "PlainIO", "batch_available", "datagram_io", "will_batch"]
 
 Address = Any
 Feed = Callable[[bytes, Address], None]
@@ -68,6 +69,10 @@ class PlainIO:
             feed(datagram, address)
             n += 1
         return n
+
+    def receive_into(self, server: Any, limit: int = 64) -> int:
+        """Feed up to ``limit`` waiting datagrams to a ``DtlsServer``; return how many."""
+        return self.receive(server.feed, limit)
 
     def recv_batch(self, limit: int = 64) -> list[tuple[bytes, Address]]:
         out: list[tuple[bytes, Address]] = []
@@ -146,10 +151,11 @@ class BatchIO(PlainIO):
         self._keys[address] = key
         return address
 
-    def receive(self, feed: Feed, limit: int = 64) -> int:
+    def _receive(self, on_batch: Callable[[int], None], limit: int) -> int:
+        """Up to ``limit`` datagrams, a ``recvmmsg`` at a time; ``on_batch(k)`` takes
+        each batch's ``k`` kept datagrams while they are in the arena."""
         fd, arena, slot, batch = self.sock.fileno(), self._arena, self.slot, self.batch
         offs_c, lens_c, addrs_c, stats, cap = self._offs, self._lens, self._addrs, self._stats, self._cap
-        data, abuf, names, name = self._data, self._abuf, self._names, self._name
         total = 0
         while total < limit:
             want = min(batch, limit - total)
@@ -161,18 +167,47 @@ class BatchIO(PlainIO):
             got = stats[0]
             self.truncated += stats[1]
             if k:
-                offs, lens = _unpack(offs_c, k), _unpack(lens_c, k)
-                for i in range(k):
-                    off = offs[i]
-                    key = abuf[i * _ADDR:(i + 1) * _ADDR]
-                    address = names.get(key)
-                    if address is None:
-                        address = name(key)
-                    feed(data[off:off + lens[i]], address)
+                on_batch(k)
             total += got
             if got < want:
                 break
         return total
+
+    def receive(self, feed: Feed, limit: int = 64) -> int:
+        data, abuf, names, name = self._data, self._abuf, self._names, self._name
+        offs_c, lens_c = self._offs, self._lens
+
+        def each(k: int) -> None:
+            offs, lens = _unpack(offs_c, k), _unpack(lens_c, k)
+            for i in range(k):
+                off = offs[i]
+                key = abuf[i * _ADDR:(i + 1) * _ADDR]
+                address = names.get(key)
+                if address is None:
+                    address = name(key)
+                feed(data[off:off + lens[i]], address)
+        return self._receive(each, limit)
+
+    def receive_into(self, server: Any, limit: int = 64) -> int:
+        """Like ``receive``, for a ``DtlsServer``: each batch goes to it whole, its
+        established peers' records decrypted in one C call (``_fast.py``)."""
+        return self._receive(functools.partial(server._feed_batch, self), limit)
+
+    def raw_address_at(self, i: int) -> bytes:
+        """Datagram ``i``'s sender as the kernel gave it (zero-padded sockaddr)."""
+        raw: bytes = self._abuf[i * _ADDR:(i + 1) * _ADDR]
+        return raw
+
+    def address_at(self, i: int) -> Address:
+        """Datagram ``i``'s sender as ``recvfrom`` spells it."""
+        key = self._abuf[i * _ADDR:(i + 1) * _ADDR]
+        address = self._names.get(key)
+        return self._name(key) if address is None else address
+
+    def datagram_at(self, i: int) -> bytes:
+        off = self._offs[i]
+        datagram: bytes = self._data[off:off + self._lens[i]]
+        return datagram
 
     # --------------------------------------------------------------- send
 
@@ -222,13 +257,17 @@ class BatchIO(PlainIO):
         return done
 
 
+def will_batch(batch: bool | None = None) -> bool:
+    """Whether ``datagram_io(sock, batch)`` gives a ``BatchIO``: None means where
+    available (``batch_available()``), True where this build and platform can."""
+    if batch is None:
+        return batch_available()
+    return bool(batch) and bool(lib.pd_io_available())
+
+
 def datagram_io(sock: socket.socket, batch: bool | None = None, **options: Any) -> PlainIO:
     """A ``BatchIO`` where batching is available (and ``batch`` is not False),
     else a ``PlainIO``; ``options`` go to ``BatchIO``."""
-    if batch is None:
-        batch = batch_available()
-    elif batch and not lib.pd_io_available():
-        batch = False
-    if batch:
+    if will_batch(batch):
         return BatchIO(sock, **options)
     return PlainIO(sock, options.get("batch", 64))

@@ -22,7 +22,8 @@ import socket
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from ._batch_io import BatchIO, datagram_io
+from ._batch_io import will_batch
+from .server_socket import ServerSocket
 from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
@@ -322,25 +323,26 @@ class _ServerProtocol(asyncio.DatagramProtocol):
 
 
 class _BatchEndpoint:
-    """The server's socket without a transport: ``add_reader`` + ``recvmmsg`` in,
-    ``sendmmsg`` out. Answers what ``AsyncDtlsServer`` asks of a transport.
-
-    A full socket buffer keeps what did not go in a bounded backlog (flushed
-    when the socket is writable, ``drain()`` waiting meanwhile); past
-    ``_BACKLOG`` datagrams newer ones are dropped, as the kernel would.
+    """The server's socket without a transport: ``add_reader`` + a ``ServerSocket``
+    (``recvmmsg`` in, ``sendmmsg`` out). Answers what ``AsyncDtlsServer`` asks of a
+    transport. A full socket buffer keeps what did not go in the ``ServerSocket``'s
+    bounded backlog, flushed when the socket is writable, ``drain()`` waiting meanwhile.
     """
 
-    _BACKLOG = 4096
     _PER_ITERATION = 256  # datagrams read per loop iteration: timers and handlers get their turn
 
-    def __init__(self, server: AsyncDtlsServer, sock: socket.socket, io: BatchIO) -> None:
-        self._server, self._sock, self._io = server, sock, io
+    def __init__(self, server: AsyncDtlsServer, sock: socket.socket, batch_io: bool | None) -> None:
+        self._server, self._sock = server, sock
+        self._io = ServerSocket(server._core, sock, batch_io=batch_io)
         self._fd = sock.fileno()
         self._loop = server._loop
-        self._backlog: deque[tuple[bytes, Address]] = deque()
         self._closing = False
-        self.dropped = 0
+        self._waiting_writable = False
         self._loop.add_reader(self._fd, self._readable)
+
+    @property
+    def dropped(self) -> int:
+        return self._io.dropped
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
@@ -353,42 +355,25 @@ class _BatchEndpoint:
         return self._closing
 
     def _readable(self) -> None:
-        server = self._server
         try:
-            got = self._io.receive(server._core.feed, self._PER_ITERATION)
+            got = self._io.receive(self._PER_ITERATION)
         except OSError as exc:
             _log.debug("DTLS server socket error: %s", exc)
             return
         if got:
-            server._after_io()
+            self._server._after_io()
 
-    def send_many(self, datagrams: list[tuple[bytes, Address]]) -> None:
-        if self._backlog:
-            self._queue(datagrams)
-            return
-        sent = self._io.send(datagrams)
-        if sent < len(datagrams):
-            self._queue(datagrams[sent:])
+    def send_due(self) -> None:
+        """Everything the server core has due, out (or waiting for a writable socket)."""
+        if not self._waiting_writable and not self._io.flush():
+            self._waiting_writable = True
             self._loop.add_writer(self._fd, self._writable)
             self._server._flow.pause()
 
-    def sendto(self, data: bytes, address: Address) -> None:
-        self.send_many([(data, address)])
-
-    def _queue(self, datagrams: list[tuple[bytes, Address]]) -> None:
-        room = self._BACKLOG - len(self._backlog)
-        if room < len(datagrams):
-            self.dropped += len(datagrams) - max(room, 0)
-            datagrams = datagrams[:max(room, 0)]
-        self._backlog.extend(datagrams)
-
     def _writable(self) -> None:
-        pending = list(self._backlog)
-        self._backlog.clear()
-        sent = self._io.send(pending)
-        if sent < len(pending):
-            self._backlog.extend(pending[sent:])
+        if not self._io.flush():
             return
+        self._waiting_writable = False
         self._loop.remove_writer(self._fd)
         self._server._flow.resume()
 
@@ -397,9 +382,10 @@ class _BatchEndpoint:
             return
         self._closing = True
         self._loop.remove_reader(self._fd)
-        if self._backlog:
+        if self._waiting_writable:
             self._loop.remove_writer(self._fd)
-            self._backlog.clear()
+            self._waiting_writable = False
+        self._io.clear()
         self._sock.close()
 
 
@@ -523,9 +509,7 @@ class AsyncDtlsServer:
         if transport is None or transport.is_closing():
             return
         if self._batched:
-            datagrams = self._core.datagrams_to_send()
-            if datagrams:
-                transport.send_many(datagrams)
+            transport.send_due()
             return
         for datagram, address in self._core.datagrams_to_send():
             transport.sendto(datagram, address)
@@ -600,14 +584,12 @@ async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
         infos = await server._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            io = datagram_io(sock, batch_io)
-            if isinstance(io, BatchIO):
+            if will_batch(batch_io):
                 if reuse_port:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(infos[0][4])
-                sock.setblocking(False)
-                server._transport = _BatchEndpoint(server, sock, io)
-                server._batched = True
+                server._transport = _BatchEndpoint(server, sock, batch_io)
+                server._batched = server._transport._io.batched
                 return server
         except BaseException:
             sock.close()

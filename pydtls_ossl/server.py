@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 from ._errors import ConnectionClosed as ConnectionClosedError
 from ._errors import ConfigurationError, DtlsError, HandshakeError, InternalError, LimitExceeded
+from ._fast import NOT_HERE as _FAST_NOT_HERE
+from ._fast import FastPeers
 from ._ffi import ffi, lib
 from ._lot import ParkingLot, Taken
 from ._workers import HandshakePool
@@ -59,6 +61,7 @@ _FAILED = lib.PD_STATE_FAILED
 _CID_RECORD = b"\x19"  # tls12_cid (RFC 9146)
 _HANDSHAKE_RECORD = b"\x16"
 _pd_memory = lib.pd_memory
+_FAST_FULL = lib.PD_FAST_FULL
 #: What a peer's Python objects cost beside its engine's C memory (the ``_Peer``,
 #: the ``Dtls``, the cffi pointer, the address key and its timer entry; the README's
 #: idle-memory breakdown measures ~0.65 KB).
@@ -199,7 +202,8 @@ class ServerStats:
 
 class _Peer:
     __slots__ = ("address", "engine", "conn", "established", "deadline", "last_seen",
-                 "generation", "dirty", "replacement", "replacement_deadline", "cid", "mem", "lent")
+                 "generation", "dirty", "replacement", "replacement_deadline", "cid", "mem", "lent",
+                 "fast")
 
     def __init__(self, address: Address, engine: Dtls, deadline: float, generation: int) -> None:
         self.address = address
@@ -219,6 +223,7 @@ class _Peer:
         # released, so the next datagram or send() knows to measure it again
         self.mem = 0
         self.lent = False  # connection() gave the application its engine: never parked
+        self.fast = _FAST_NOT_HERE  # its slot in the C table of active peers (_fast.py)
 
 
 class DtlsServer:
@@ -367,6 +372,7 @@ class DtlsServer:
         self._timers: list[tuple[float, int, int, Address]] = []
         self._timer_seq = 0
         self._lot = ParkingLot(context)  # quiet established peers, in C alone
+        self._fast: FastPeers | None = None  # active peers by raw sockaddr, for a batching surface
         self._freed = 0  # bytes given back by peers ended in handle_timeout(), since the last trim
         self._cookies = context.cookies
         self._hello_verify_requests = 0
@@ -539,6 +545,8 @@ class DtlsServer:
             # a NAT gave this address to our peer: whoever had it has left it
             self._terminate(other, "address taken over by a Connection ID peer")
         del self._peers[old]
+        if peer.fast >= 0:
+            self._fast_drop(peer)  # routed from its new address once it sends from there
         peer.address = address
         self._peers[address] = peer
         self._stats.address_changes += 1
@@ -833,6 +841,8 @@ class DtlsServer:
         if replacement is None:
             return
         peer.replacement = replacement
+        if peer.fast >= 0:
+            self._fast_drop(peer)  # its datagrams go to both handshakes now: the Python path
         if isinstance(cid, bytes) and cid:
             self._cids[cid] = peer  # held for the new association (routed by address until then)
             self._replacement_cids[peer] = cid
@@ -923,10 +933,95 @@ class DtlsServer:
         while (datagram := peer.replacement.pull()) is not None:
             self._stateless.append((datagram, peer.address))
 
+    # ------------------------------------------------ batching surfaces
+
+    def _use_fast(self) -> None:
+        """From now on, batches from ``_feed_batch()`` route established peers through
+        C, and their sends wait in C for ``_send_fast()`` (the batching surfaces call
+        this; an application driving ``feed()`` and ``datagrams_to_send()`` need not)."""
+        if self._fast is None:
+            self._fast = FastPeers()
+
+    def _feed_batch(self, io: Any, count: int) -> None:
+        """Datagrams [0, count) of a ``BatchIO`` receive, as ``feed()`` would take them."""
+        if self._results and not self._collecting:
+            self._collect()
+        fast = self._fast
+        if fast is None:
+            feed, address_at, datagram_at = self.feed, io.address_at, io.datagram_at
+            for i in range(count):
+                feed(datagram_at(i), address_at(i))
+            return
+        fast.feed(self, io, count)
+
+    def _fast_records(self, fast: FastPeers, count: int) -> None:
+        """The records the C table just decrypted, as events (``_queue_records`` rules)."""
+        ends, slots, buf = fast.records(count)
+        peers, events, unread, limit = fast.peers, self._events, self._unread, self.max_queued_records
+        now = self._clock()
+        start = 0
+        for j in range(count):
+            end = ends[j]
+            peer = peers[slots[j]]
+            peer.last_seen = now
+            address = peer.address
+            queued = unread.get(address, 0)
+            if queued >= limit:
+                self._stats.records_dropped += 1
+            else:
+                events.append(DataReceived(address, buf[start:end]))
+                unread[address] = queued + 1
+            start = end
+
+    def _fast_fed(self, peer: _Peer) -> None:
+        """What ``feed()`` does after the engine took a datagram, for one the C table fed
+        (its records already delivered) whose engine changed state or queued output."""
+        if peer.conn.state != _ESTABLISHED:  # failed, or the peer closed
+            self._ended_by_peer(peer)
+            return
+        self._output_due(peer)
+
+    def _fast_admit(self, address: Address, raw: bytes) -> None:
+        """Put the peer at ``address`` (the kernel's ``raw`` sockaddr) in the C table, once
+        it is an established peer the table can take."""
+        fast = self._fast
+        peer = self._peers.get(address)
+        if fast is None or peer is None or peer.fast != _FAST_NOT_HERE or not peer.established \
+                or peer.replacement is not None or peer.address != address:
+            return
+        fast.admit(peer, raw)
+
+    def _fast_drop(self, peer: _Peer) -> None:
+        assert self._fast is not None
+        self._fast.drop(peer)
+
+    def _send_fast(self, fd: int) -> bool:
+        """Send what peers in the C table queued, with ``sendmmsg`` on ``fd``; False
+        when the socket buffer filled (call again once it is writable)."""
+        fast = self._fast
+        if fast is None or not fast.waiting():
+            return True
+        done, refused, oversize = fast.send(fd)
+        if oversize:
+            raise InternalError(f"{oversize} records larger than the MTU were dropped")
+        if refused:
+            _log.debug("pydtls_ossl: the kernel refused %d datagrams", refused)
+        return done
+
     # ------------------------------------------------------------ output
 
     def datagrams_to_send(self, limit: int | None = None) -> list[tuple[bytes, Address]]:
         """Datagrams due now, one per peer per round so no peer starves the others."""
+        fast = self._fast
+        if fast is not None and fast.waiting():
+            for peer in fast.take_queued():  # the batching surface's C queue, pulled here instead
+                if not peer.dirty:
+                    peer.dirty = True
+                    self._dirty.append(peer)
+        return self._datagrams(limit)
+
+    def _datagrams(self, limit: int | None = None) -> list[tuple[bytes, Address]]:
+        """``datagrams_to_send()`` but for what peers in the C table queued there."""
         if self._results and not self._collecting:
             self._collect()
         if self._foreign:
@@ -958,11 +1053,19 @@ class DtlsServer:
             peer = self._unpark(address)
         if peer is None or not peer.established:
             raise ConnectionClosedError(f"no established association with {address!r}")
+        n: int
+        if peer.fast >= 0:
+            assert self._fast is not None
+            n = self._fast.write(peer.fast, data, self.max_queued_bytes)
+            if n >= 0:
+                return n
+            if n == _FAST_FULL:
+                raise LimitExceeded(f"more than {self.max_queued_bytes} bytes queued for {address!r}")
         conn = peer.conn
         if conn.out_len + len(data) > self.max_queued_bytes:
             raise LimitExceeded(f"more than {self.max_queued_bytes} bytes queued for {address!r}")
         try:
-            n: int = _pd_write(conn, data, len(data))
+            n = _pd_write(conn, data, len(data))
         except TypeError:  # not bytes: the engine's write() converts it
             n = -1
         if n < 0:
@@ -1406,6 +1509,8 @@ class DtlsServer:
     def _forget(self, peer: _Peer) -> None:
         """The server lets go of a peer: its address, its CID, its bytes, its timer."""
         del self._peers[peer.address]
+        if peer.fast >= 0:
+            self._fast_drop(peer)
         self._forget_cid(peer)
         self._forget_memory(peer)
         peer.generation += 1

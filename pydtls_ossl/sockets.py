@@ -18,7 +18,7 @@ import time
 from collections import deque
 from typing import Any
 
-from ._batch_io import datagram_io
+from .server_socket import ServerSocket
 from ._errors import ConnectionClosed
 from ._pump import flush, handshake, receive
 from .context import DtlsContext
@@ -196,9 +196,8 @@ class DtlsListener:
         except OSError:
             self._sock.close()
             raise
-        self._sock.setblocking(False)
-        self._io = datagram_io(self._sock, batch_io)
         self.core = DtlsServer(context, **limits)
+        self._io = ServerSocket(self.core, self._sock, batch_io=batch_io)
         if export_on_close and self.core.association_store is None:
             self._sock.close()
             raise ValueError("export_on_close needs association_store=")
@@ -270,7 +269,8 @@ class DtlsListener:
             waits = [w for w in (timer, left) if w is not None]
             self._lock.release()
             try:
-                readable, _, _ = select.select([self._sock, self._wake_r], [], [],
+                readable, _, _ = select.select([self._sock, self._wake_r],
+                                               [self._sock] if self._io.blocked else [], [],
                                                max(0.0, min(waits)) if waits else None)
             finally:
                 self._lock.acquire()
@@ -306,7 +306,7 @@ class DtlsListener:
         return self._io.batched
 
     def _receive(self) -> None:
-        self._io.receive(self.core.feed, 64)  # a burst, but timers and senders get their turn
+        self._io.receive(64)  # a burst, but timers and senders get their turn
 
     def _route_events(self) -> None:
         for event in self.core.events():
@@ -339,11 +339,7 @@ class DtlsListener:
                     self._connections[event.address] = conn
 
     def _send_due(self) -> None:
-        datagrams = self.core.datagrams_to_send()
-        if datagrams:
-            sent = self._io.send(datagrams)
-            if sent < len(datagrams):  # as a full socket buffer drops them
-                _log.debug("send buffer full: dropped %d datagrams", len(datagrams) - sent)
+        self._io.flush()  # what a full socket buffer does not take waits for it to drain
 
     def close(self) -> None:
         """Close every association (close_notify) and the socket; with
