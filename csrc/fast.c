@@ -8,7 +8,7 @@
  * records (peer id, end offset) in one call, and every queued record of
  * every peer written through pd_fast_write leaves in as few sendmmsg calls
  * as it takes, one datagram per peer per round. Anything else (a stranger, a
- * handshake record, a CID record, an association whose buffers were
+ * handshake record, a CID record with another peer's CID, an association whose buffers were
  * released or that is not on the engine's record layer) stops the batch
  * untouched and the server's Python path takes that datagram: every rule
  * lives there once, and this only ever does what it would do.
@@ -214,6 +214,18 @@ static size_t pd_fast_count(const pd_fast *f)
     return f->live;
 }
 
+/* A CID record (RFC 9146) stays here only when it carries the CID of the
+ * association at its sender's address; any other goes to the server's CID
+ * routing, which may move a peer. Other records pass. */
+static int pd_fast_own_cid(const pd_conn *c, const unsigned char *d, size_t len)
+{
+    size_t cl;
+    if (d[0] != PD_RT_CID)
+        return 1;
+    cl = pd_cid_in_len(c);
+    return cl > 0 && len >= PD_RECORD_HEADER + cl && memcmp(d + 11, c->cid->id, cl) == 0;
+}
+
 /* Decrypt datagrams [start, n) of a pd_io_recv batch for the peers here.
  * Each application record goes to out, back to back: ends[k] is where
  * record k ends, ids[k] its slot (room for cap records and out_cap bytes).
@@ -230,11 +242,11 @@ static int pd_fast_input(pd_fast *f, const char *arena, const int *offs, const i
         const unsigned char *d = (const unsigned char *)arena + offs[i];
         size_t len = (size_t)lens[i], where, out_before;
         long k;
-        int id = len > PD_RECORD_HEADER && d[0] == SSL3_RT_APPLICATION_DATA
+        int id = len > PD_RECORD_HEADER && (d[0] == SSL3_RT_APPLICATION_DATA || d[0] == PD_RT_CID)
                  ? pd_fast_find(f, addrs + (size_t)i * PD_FAST_ADDR, &where) : -1;
         pd_conn *c = id >= 0 ? f->slots[id].conn : NULL;
         if (c == NULL || c->rl == NULL || c->state != PD_STATE_ESTABLISHED
-                || c->buffers_released || c->plain_head != NULL) {
+                || c->buffers_released || c->plain_head != NULL || !pd_fast_own_cid(c, d, len)) {
             status[1] = PD_FAST_UNTOUCHED;
             break;
         }

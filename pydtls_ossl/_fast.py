@@ -6,9 +6,10 @@ C table by its raw sockaddr, as ``recvmmsg`` spells it. A received batch is
 then looked up and decrypted in one C call, its records laid out back to
 back; ``send()`` to such a peer seals the record in C and queues the peer
 there; one call pulls every queued datagram and sends them with
-``sendmmsg``. What the table does not take (strangers, handshake and CID
-records, released buffers, a state change) goes through ``DtlsServer.feed``
-as before, so every rule of the server keeps one home.
+``sendmmsg``. What the table does not take (strangers, handshake records,
+CID records naming another peer's CID, released buffers, a state change)
+goes through ``DtlsServer.feed`` as before, so every rule of the server
+keeps one home.
 
 The table borrows each peer's ``pd_conn``: ``drop()`` must come before a
 peer's engine can go, which ``DtlsServer._forget`` and the two other places

@@ -26,6 +26,13 @@ class Rig:
         self.sock.bind(("127.0.0.1", 0))
         self.io = ServerSocket(self.server, self.sock, batch_io=batch_io)
         self.events: list[Any] = []
+        self.slow = 0  # datagrams the Python path took (the C path calls feed() for those)
+        feed = self.server.feed
+
+        def counted(datagram: bytes, address: Any) -> None:
+            self.slow += 1
+            feed(datagram, address)
+        self.server.feed = counted  # type: ignore[method-assign]
 
     def close(self) -> None:
         self.sock.close()
@@ -116,6 +123,7 @@ def rig(server_ctx: DtlsContext) -> Any:
 def test_echo_through_the_c_path_in_order(rig: Any, client_ctx: DtlsContext, batch_io: bool | None) -> None:
     r = rig(batch_io)
     clients = [r.client(client_ctx) for _ in range(12)]
+    r.slow = 0
     for round_ in range(5):  # a burst from every client, one batch for the server
         for i, c in enumerate(clients):
             for k in range(4):
@@ -131,6 +139,7 @@ def test_echo_through_the_c_path_in_order(rig: Any, client_ctx: DtlsContext, bat
         for i, c in enumerate(clients):
             assert c.records(4) == [(b"%d.%d.%d " % (i, round_, k) + bytes(k * 300))[::-1] for k in range(4)]
     assert len(r.server._fast or ()) == (12 if r.io.batched else 0)
+    assert (r.slow == 0) == r.io.batched  # batched: not one record through the Python path
 
 
 @batched_only
@@ -286,5 +295,43 @@ def test_a_peer_on_libssls_record_layer_stays_on_the_python_path(certs: Any, cli
         r.server.send(c.address, b"reply")
         r.io.flush()
         assert c.records(1) == [b"reply"]
+    finally:
+        r.close()
+
+
+@batched_only
+def test_cid_records_take_the_c_path_until_the_peer_moves(certs: Any) -> None:
+    r = Rig(DtlsContext(certs.server.cert_pem, certs.server.key_pem, connection_id=True))
+    try:
+        c = r.client(DtlsContext(verify="none", connection_id=b""))
+        assert c.engine.peer_connection_id  # our records carry the server's CID
+        c.engine.write(b"first")
+        c.flush()
+        r.pump()
+        r.slow = 0
+        for k in range(5):
+            c.engine.write(b"cid %d" % k)
+            c.flush()
+        r.pump()
+        assert r.data(c.address)[-5:] == [b"cid %d" % k for k in range(5)] and r.slow == 0
+        old = c.address
+        c.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a NAT gave it a new port
+        c.sock.bind(("127.0.0.1", 0))
+        c.sock.connect(r.sock.getsockname())
+        c.sock.setblocking(False)
+        c.address = c.sock.getsockname()
+        c.engine.write(b"from elsewhere")
+        c.flush()
+        r.pump()
+        assert r.slow == 1 and r.data(c.address) == [b"from elsewhere"]
+        [moved] = [e for e in r.events if type(e).__name__ == "AddressChanged"]
+        assert (moved.address, moved.old_address) == (c.address, old)
+        r.server.send(c.address, b"to the new port")
+        r.io.flush()
+        assert c.records(1) == [b"to the new port"]
+        c.engine.write(b"and on")
+        c.flush()
+        r.pump()
+        assert r.slow == 1 and r.data(c.address)[-1] == b"and on" and len(r.server._fast) == 1
     finally:
         r.close()
