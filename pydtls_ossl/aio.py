@@ -118,14 +118,6 @@ class AsyncDtlsConnection(Introspection):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _deliver(self, data: bytes, limit: int) -> None:
-        if len(self._received) >= limit:
-            self.dropped += 1
-            return
-        self._received.append(data)
-        if self._waiter is not None:
-            self._wake()
-
     def _end(self, error: BaseException) -> None:
         if self._ended is None:
             self._ended = error
@@ -439,12 +431,18 @@ class AsyncDtlsServer:
         return self._batched
 
     def _after_io(self) -> None:
-        burst = 0
+        burst, connections, limit = 0, self._connections, self._max_queued
         for event in self._core.events():
-            if type(event) is DataReceived:  # the common case first
-                connection = self._connections.get(event.address)
+            if type(event) is DataReceived:  # the common case first, delivered here
+                connection = connections.get(event.address)
                 if connection is not None:
-                    connection._deliver(event.data, self._max_queued)
+                    received = connection._received
+                    if len(received) >= limit:
+                        connection.dropped += 1
+                    else:
+                        received.append(event.data)
+                        if connection._waiter is not None:
+                            connection._wake()
                     burst += 1
             elif isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self._core.connection(event.address)

@@ -76,7 +76,9 @@ class ServerSocket:
 
     def flush(self) -> bool:
         """Send every datagram due; False (and ``blocked``) when the socket buffer filled."""
-        backlog = self._backlog
+        backlog, server = self._backlog, self.server
+        if not (backlog or server._has_output()):
+            return True
         if backlog:
             pending = list(backlog)
             backlog.clear()
@@ -85,14 +87,14 @@ class ServerSocket:
                 backlog.extend(pending[sent:])
                 self.blocked = True
                 return False
-        datagrams = self.server._datagrams()
+        datagrams = server._datagrams()
         if datagrams:
             sent = self._io.send(datagrams)
             if sent < len(datagrams):
                 self._keep(datagrams[sent:])
                 self.blocked = True
                 return False
-        self.blocked = not self.server._send_fast(self._fd)
+        self.blocked = not server._send_fast(self._fd)
         return not self.blocked
 
     def _keep(self, datagrams: list[tuple[bytes, Address]]) -> None:
