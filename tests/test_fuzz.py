@@ -26,14 +26,16 @@ from pydtls_ossl.fuzz._runner import ATHERIS_MISSING, default_corpus, read_histo
 from pydtls_ossl.fuzz._wire import framed_records, is_actionable_plaintext
 from pydtls_ossl._ffi import lib
 
-TARGETS = ("feed_client", "feed_server", "record_layer", "server", "demux", "sdp", "session",
-           "association", "cid")
+TARGETS = ("feed_client", "feed_server", "record_layer", "server", "server_batched", "demux", "sdp",
+           "session", "association", "cid")
 CORPUS = Path(__file__).parent / "corpus"
 #: in-process mutants per target: about a second each on a 2-core machine
 MUTANTS = {"feed_client": 2500, "feed_server": 2500, "record_layer": 2500, "server": 2000,
+           "server_batched": 2000,
            "demux": 30000, "sdp": 15000, "session": 2000, "association": 5000, "cid": 3000}
 #: atheris executions per target (seeds included)
 ATHERIS_RUNS = {"feed_client": 4000, "feed_server": 4000, "record_layer": 4000, "server": 3000,
+                "server_batched": 3000,
                 "demux": 30000, "sdp": 15000, "session": 3000, "association": 5000, "cid": 4000}
 
 
