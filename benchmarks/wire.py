@@ -269,7 +269,8 @@ INSTRUCTION_SURFACES = (("plain loop", "plain"), ("batch loop", "batch"), ("aio.
                         ("listen, no batch", "listen-nobatch"))
 
 
-def instructions(clients: int = 10, size: int = 100, windows: tuple[float, float] = (3.0, 9.0)) -> list[str]:
+def instructions(clients: int = 10, size: int = 100, windows: tuple[float, float] = (3.0, 9.0),
+                 only: Sequence[str] = ()) -> list[str]:
     """Server instructions per echo under callgrind, for each Python surface: two runs
     that differ only in the counted window, so start-up and handshakes cancel out."""
     if shutil.which("valgrind") is None:
@@ -281,6 +282,8 @@ def instructions(clients: int = 10, size: int = 100, windows: tuple[float, float
         if binary is None:
             return ["wire --instructions: no C compiler"]
         for name, surface in INSTRUCTION_SURFACES:
+            if only and surface not in only:
+                continue
             totals, echoes = [], []
             for window in windows:
                 out = Path(tmp) / f"cg.{surface}.{window}"
@@ -323,11 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instructions", action="store_true",
                         help="server instructions per echo under callgrind instead of timing")
     args = parser.parse_args(argv)
+    only = [x for x in args.surfaces.split(",") if x]
     if args.instructions:
-        print("\n".join(instructions()))
+        print("\n".join(instructions(only=only)))
         return 0
     for line in run(args.quick, args.rounds, args.window, True if args.before else None,
-                    pion=not args.no_pion, only=[x for x in args.surfaces.split(",") if x]):
+                    pion=not args.no_pion, only=only):
         print(line)
     return 0
 

@@ -141,3 +141,33 @@ def test_readme_connection_id_snippet_runs() -> None:
     events = converse(server, sensor, ("10.0.0.2", 51234))  # the NAT picked another port
     assert any(isinstance(e, AddressChanged) and e.old_address == ("10.0.0.2", 40001) for e in events)
     assert DataReceived(("10.0.0.2", 51234), b"reading") in events
+
+
+def test_readme_server_socket_snippet_runs(certs: object) -> None:
+    import socket
+    import threading
+
+    from pydtls_ossl import DtlsContext
+
+    namespace: dict[str, object] = {}
+    exec(compile(block_with("ServerSocket(server, sock)"), "README.md", "exec"), namespace)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    done = threading.Event()
+    context = DtlsContext(certs.server.cert_pem, certs.server.key_pem)  # type: ignore[attr-defined]
+    thread = threading.Thread(target=namespace["echo_server"], args=(context, sock, done.is_set))
+    thread.start()
+    try:
+        client_ctx = DtlsContext(cadata=certs.server.cert_pem)  # type: ignore[attr-defined]
+        with client_ctx.wrap_socket(socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                                    server_hostname="localhost") as client:
+            client.settimeout(10)
+            client.connect(sock.getsockname())
+            for message in (b"one", b"two" * 300, b"three"):
+                client.send(message)
+                assert client.recv() == message
+    finally:
+        done.set()
+        thread.join(10)
+        sock.close()
+    assert not thread.is_alive()
