@@ -31,14 +31,11 @@ __all__ = ["FastPeers"]
 _OUT_BYTES = 1 << 17  # plaintext room per input call: a full batch of 2 KB datagrams
 _OUT_RECORDS = 4096
 _ADDR = lib.PD_FAST_ADDR
-_SLOW: int = lib.PD_FAST_SLOW
-_FULL = lib.PD_FAST_FULL
 _NOT_ENGINE = lib.PD_FAST_NOT_ENGINE
 _UNTOUCHED = lib.PD_FAST_UNTOUCHED
 _ROOM = lib.PD_FAST_ROOM
 _FED = lib.PD_FAST_FED
 _pd_input = lib.pd_fast_input
-_pd_write = lib.pd_fast_write
 _pd_waiting = lib.pd_fast_waiting
 _pd_send = lib.pd_fast_send
 _unpack = ffi.unpack
@@ -54,7 +51,7 @@ class FastPeers:
         table = lib.pd_fast_new()
         if table == ffi.NULL:
             raise MemoryError("no memory for the server's table of active peers")
-        self._table = ffi.gc(table, lib.pd_fast_free)
+        self.table = ffi.gc(table, lib.pd_fast_free)  # DtlsServer.send() writes through it
         self.peers: list[Any] = []  # slot id -> _Peer (None: free)
         self._out = ffi.new("char[]", _OUT_BYTES)
         self._buf = ffi.buffer(self._out)
@@ -65,11 +62,11 @@ class FastPeers:
         self._taken = ffi.new("int[]", 256)
 
     def __len__(self) -> int:
-        return int(lib.pd_fast_count(self._table))
+        return int(lib.pd_fast_count(self.table))
 
     def admit(self, peer: Any, raw: bytes) -> None:
         """Route ``raw`` (the sockaddr the peer's datagrams come from) to its engine."""
-        slot = lib.pd_fast_put(self._table, raw, peer.conn)
+        slot = lib.pd_fast_put(self.table, raw, peer.conn)
         if slot == _NOT_ENGINE:
             peer.fast = NEVER
             return
@@ -84,28 +81,19 @@ class FastPeers:
     def drop(self, peer: Any) -> None:
         slot = peer.fast
         if slot >= 0:
-            lib.pd_fast_drop(self._table, slot)
+            lib.pd_fast_drop(self.table, slot)
             self.peers[slot] = None
             peer.fast = NOT_HERE
 
-    def write(self, slot: int, data: bytes, max_queued: int) -> int:
-        """One record sealed and queued: its size; ``FULL``; or ``SLOW`` (nothing
-        written: the caller's usual path decides)."""
-        try:
-            n: int = _pd_write(self._table, slot, data, len(data), max_queued)
-        except TypeError:  # not bytes: the engine's write() converts it
-            return _SLOW
-        return n
-
     def waiting(self) -> bool:
         """Whether records are queued here for ``send()`` (or its last call left some)."""
-        return bool(_pd_waiting(self._table))
+        return bool(_pd_waiting(self.table))
 
     def take_queued(self) -> list[Any]:
         """The peers with records queued here, handed to the caller to pull itself."""
         out: list[Any] = []
         taken, peers = self._taken, self.peers
-        while (n := lib.pd_fast_take_dirty(self._table, taken, 256)) > 0:
+        while (n := lib.pd_fast_take_dirty(self.table, taken, 256)) > 0:
             out.extend(peers[i] for i in _unpack(taken, n))
         return out
 
@@ -114,7 +102,7 @@ class FastPeers:
         records larger than the MTU dropped). False: the socket buffer filled,
         and the rest wait here until the next call."""
         stats = self._send_stats
-        r = _pd_send(self._table, fd, stats)
+        r = _pd_send(self.table, fd, stats)
         if r < 0:
             raise OSError(-r, os.strerror(-r))
         return r == 1, stats[1], stats[2]
@@ -122,7 +110,7 @@ class FastPeers:
     def feed(self, server: Any, io: BatchIO, count: int) -> None:
         """Datagrams [0, count) of ``io``'s last receive: the table's through C,
         every other one through ``server.feed`` (in order, per peer and in all)."""
-        table, status = self._table, self._status
+        table, status = self.table, self._status
         arena, offs, lens, addrs = io._arena, io._offs, io._lens, io._addrs
         out, ends, ids = self._out, self._ends, self._ids
         start = 0

@@ -62,6 +62,8 @@ _CID_RECORD = b"\x19"  # tls12_cid (RFC 9146)
 _HANDSHAKE_RECORD = b"\x16"
 _pd_memory = lib.pd_memory
 _FAST_FULL = lib.PD_FAST_FULL
+_FAST_SLOW = lib.PD_FAST_SLOW
+_pd_fast_write = lib.pd_fast_write
 #: What a peer's Python objects cost beside its engine's C memory (the ``_Peer``,
 #: the ``Dtls``, the cffi pointer, the address key and its timer entry; the README's
 #: idle-memory breakdown measures ~0.65 KB).
@@ -373,6 +375,7 @@ class DtlsServer:
         self._timer_seq = 0
         self._lot = ParkingLot(context)  # quiet established peers, in C alone
         self._fast: FastPeers | None = None  # active peers by raw sockaddr, for a batching surface
+        self._fast_table: Any = None  # its C table, for send()
         self._freed = 0  # bytes given back by peers ended in handle_timeout(), since the last trim
         self._cookies = context.cookies
         self._hello_verify_requests = 0
@@ -941,6 +944,7 @@ class DtlsServer:
         this; an application driving ``feed()`` and ``datagrams_to_send()`` need not)."""
         if self._fast is None:
             self._fast = FastPeers()
+            self._fast_table = self._fast.table
 
     def _feed_batch(self, io: Any, count: int) -> None:
         """Datagrams [0, count) of a ``BatchIO`` receive, as ``feed()`` would take them."""
@@ -1060,9 +1064,11 @@ class DtlsServer:
         if peer is None or not peer.established:
             raise ConnectionClosedError(f"no established association with {address!r}")
         n: int
-        if peer.fast >= 0:
-            assert self._fast is not None
-            n = self._fast.write(peer.fast, data, self.max_queued_bytes)
+        if peer.fast >= 0:  # sealed and queued in C for the batched surface (_fast.py)
+            try:
+                n = _pd_fast_write(self._fast_table, peer.fast, data, len(data), self.max_queued_bytes)
+            except TypeError:  # not bytes: the engine's write() below converts it
+                n = _FAST_SLOW
             if n >= 0:
                 return n
             if n == _FAST_FULL:
@@ -1170,6 +1176,18 @@ class DtlsServer:
         if self._freed > _TRIM_AFTER_BYTES:
             self._trim()
         return None
+
+    def _take_events(self) -> deque[ServerEvent]:
+        """Every pending event at once, for a surface that handles each one: what
+        ``events()`` yields, without a generator step and an unread count per event."""
+        if self._results and not self._collecting:
+            self._collect()
+        events = self._events
+        self._events = deque()
+        self._unread.clear()
+        if self._freed > _TRIM_AFTER_BYTES:
+            self._trim()
+        return events
 
     def events(self) -> Iterator[ServerEvent]:
         """Drain the pending events."""
