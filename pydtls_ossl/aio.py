@@ -20,7 +20,7 @@ import logging
 import signal
 import socket
 from collections import deque
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from ._batch_io import will_batch
 from .server_socket import ServerSocket
@@ -106,7 +106,12 @@ class AsyncDtlsConnection(Introspection):
         self._flow = flow
         self._received: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None  # only while recv() waits
-        self._loop = asyncio.get_running_loop()  # (asking each time is a getpid() syscall)
+        self._loop = loop = asyncio.get_running_loop()  # (asking each time is a getpid() syscall)
+        # a waiter per recv() that waits: asyncio's own loops make a plain Future, so make
+        # it here without their create_future() frame; other loops are asked
+        self._new_waiter: Callable[[], asyncio.Future[None]] = (
+            functools.partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is asyncio.BaseEventLoop.create_future else loop.create_future)
         self._ended: BaseException | None = None
         self.dropped = 0
 
@@ -123,30 +128,34 @@ class AsyncDtlsConnection(Introspection):
             self._ended = error
         self._wake()
 
-    def _next(self) -> bytes | None:
-        if self._received:
-            return self._received.popleft()
-        if self._reads_engine and self._engine.state.name != "CLOSED":
-            return self._engine.read()  # a client reads its engine's bounded queue
-        return None
+    def recv(self) -> Coroutine[Any, Any, bytes]:
+        """The next record's plaintext; ``ConnectionClosed`` once the association ends.
 
-    async def recv(self) -> bytes:
-        """The next record's plaintext; ``ConnectionClosed`` once the association ends."""
-        if self._received:  # the common case on a server: already delivered
-            return self._received.popleft()
+        A coroutine, as from ``async def``: ``await conn.recv()``."""
+        return self._receive(False)
+
+    async def _receive(self, iterating: bool) -> bytes:
+        """``recv()``, or ``async for``'s next (``StopAsyncIteration`` at the close)."""
+        received = self._received
         while True:
-            try:
-                data = self._next()
-            except DtlsError as exc:
-                self._end(exc)
-                data = None
-            if data is not None:
-                return data
-            if self._ended is not None:
-                if isinstance(self._ended, ConnectionClosed):
-                    raise ConnectionClosed(str(self._ended))
-                raise self._ended
-            self._waiter = self._loop.create_future()
+            if received:  # the common case on a server: already delivered
+                return received.popleft()
+            if self._reads_engine and self._engine.state.name != "CLOSED":
+                try:
+                    data = self._engine.read()  # a client reads its engine's bounded queue
+                except DtlsError as exc:
+                    self._end(exc)
+                    data = None
+                if data is not None:
+                    return data
+            ended = self._ended
+            if ended is not None:
+                if not isinstance(ended, ConnectionClosed):
+                    raise ended
+                if iterating:
+                    raise StopAsyncIteration
+                raise ConnectionClosed(str(ended))
+            self._waiter = self._new_waiter()
             await self._waiter
 
     def send(self, data: bytes) -> int:
@@ -169,11 +178,8 @@ class AsyncDtlsConnection(Introspection):
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
-    async def __anext__(self) -> bytes:  # no async generator between the loop and recv()
-        try:
-            return await self.recv()
-        except ConnectionClosed:
-            raise StopAsyncIteration from None
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:  # one coroutine per record, no wrapper
+        return self._receive(True)
 
     async def __aenter__(self) -> AsyncDtlsConnection:
         return self
@@ -432,7 +438,7 @@ class AsyncDtlsServer:
 
     def _after_io(self) -> None:
         burst, connections, limit = 0, self._connections, self._max_queued
-        for event in self._core.events():
+        for event in self._core._take_events():
             if type(event) is DataReceived:  # the common case first, delivered here
                 connection = connections.get(event.address)
                 if connection is not None:
@@ -472,7 +478,14 @@ class AsyncDtlsServer:
                     self._connections[event.address] = connection
         self._burst = burst
         self._send_datagrams()
+        if burst > 1 and self._batched:
+            self._flush_soon()  # queued behind the handlers just woken: in the same iteration
         self._timer.arm(self._core.get_timeout())
+
+    def _flush_soon(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._send_datagrams)
 
     async def _run_handler(self, connection: AsyncDtlsConnection) -> None:
         try:
@@ -489,10 +502,9 @@ class AsyncDtlsServer:
         n = self._core.send(address, data)
         if self._burst > 1 and self._batched:
             # several handlers were woken by one batch: their replies leave together,
-            # in one sendmmsg after they all ran (the next loop iteration)
+            # in one sendmmsg once they all ran
             if not self._flush_pending:
-                self._flush_pending = True
-                self._loop.call_soon(self._send_datagrams)
+                self._flush_soon()
         else:
             self._send_datagrams()  # nothing else is coming: straight out
         return n

@@ -309,7 +309,7 @@ class DtlsListener:
         self._io.receive(64)  # a burst, but timers and senders get their turn
 
     def _route_events(self) -> None:
-        for event in self.core.events():
+        for event in self.core._take_events():
             if isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self.core.connection(event.address)
                 assert engine is not None
