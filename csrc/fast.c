@@ -201,6 +201,13 @@ static void pd_fast_drop(pd_fast *f, int id)
     if (pd_fast_find(f, s->addr, &where) == id) {
         f->index[where] = -2;
         f->live--;
+        if (f->mask + 1 > 64 && 8 * f->live < f->mask + 1) {  /* a burst has passed: shrink */
+            size_t n = 64;
+            while (n < 4 * f->live)
+                n *= 2;
+            s->conn = NULL;  /* not put back by the rehash */
+            pd_fast_rehash(f, n);  /* out of memory: the larger index stays */
+        }
     }
     s->conn = NULL;
     if (s->dirty)

@@ -31,7 +31,6 @@ __all__ = ["FastPeers"]
 _OUT_BYTES = 1 << 17  # plaintext room per input call: a full batch of 2 KB datagrams
 _OUT_RECORDS = 4096
 _ADDR = lib.PD_FAST_ADDR
-_NOT_ENGINE = lib.PD_FAST_NOT_ENGINE
 _UNTOUCHED = lib.PD_FAST_UNTOUCHED
 _ROOM = lib.PD_FAST_ROOM
 _FED = lib.PD_FAST_FED
@@ -41,7 +40,6 @@ _pd_send = lib.pd_fast_send
 _unpack = ffi.unpack
 
 NOT_HERE = -1  # a peer's ``fast`` while it is not in the table
-NEVER = -2     # on libssl's record layer: the table cannot take it
 
 
 class FastPeers:
@@ -67,11 +65,8 @@ class FastPeers:
     def admit(self, peer: Any, raw: bytes) -> None:
         """Route ``raw`` (the sockaddr the peer's datagrams come from) to its engine."""
         slot = lib.pd_fast_put(self.table, raw, peer.conn)
-        if slot == _NOT_ENGINE:
-            peer.fast = NEVER
+        if slot < 0:  # its records not handed over from libssl yet, or out of memory: later
             return
-        if slot < 0:
-            return  # out of memory: the peer stays on the Python path
         peers = self.peers
         if slot >= len(peers):
             peers.extend([None] * (slot + 1 - len(peers)))

@@ -989,8 +989,10 @@ class DtlsServer:
         """Put the peer at ``address`` (the kernel's ``raw`` sockaddr) in the C table, once
         it is an established peer the table can take."""
         fast = self._fast
+        if fast is None or self.context.record_layer != "engine":
+            return  # libssl's record layer: the table cannot take its records
         peer = self._peers.get(address)
-        if fast is None or peer is None or peer.fast != _FAST_NOT_HERE or not peer.established \
+        if peer is None or peer.fast != _FAST_NOT_HERE or not peer.established \
                 or peer.replacement is not None or peer.address != address:
             return
         fast.admit(peer, raw)

@@ -335,3 +335,25 @@ def test_cid_records_take_the_c_path_until_the_peer_moves(certs: Any) -> None:
         assert r.slow == 1 and r.data(c.address)[-1] == b"and on" and len(r.server._fast) == 1
     finally:
         r.close()
+
+
+def test_the_table_grows_and_shrinks_with_its_peers(make_pair: Any) -> None:
+    from pydtls_ossl._ffi import ffi, lib
+    pair = make_pair()
+    pair.handshake()
+    pair.roundtrip(b"handed over")  # the engine's record layer holds the records now
+    table = ffi.gc(lib.pd_fast_new(), lib.pd_fast_free)
+    conn = pair.server._conn
+
+    def raw(i: int) -> bytes:
+        return (b"\x02\x00" + i.to_bytes(2, "big") + bytes([10, 0, i >> 8 & 255, i & 255])).ljust(28, b"\0")
+    ids = [lib.pd_fast_put(table, raw(i), conn) for i in range(5000)]
+    assert sorted(ids) == list(range(5000)) and lib.pd_fast_count(table) == 5000
+    assert [lib.pd_fast_put(table, raw(i), conn) for i in range(0, 5000, 97)] == ids[::97]
+    for slot in ids[:4990]:
+        lib.pd_fast_drop(table, slot)
+    lib.pd_fast_drop(table, ids[0])  # twice: nothing
+    assert lib.pd_fast_count(table) == 10
+    assert [lib.pd_fast_put(table, raw(i), conn) for i in range(4990, 5000)] == ids[4990:]
+    again = [lib.pd_fast_put(table, raw(i), conn) for i in range(100)]
+    assert max(again) < 5000 and lib.pd_fast_count(table) == 110  # freed ids come back
