@@ -447,8 +447,11 @@ class AsyncDtlsServer:
                         connection.dropped += 1
                     else:
                         received.append(event.data)
-                        if connection._waiter is not None:
-                            connection._wake()
+                        waiter = connection._waiter
+                        if waiter is not None:  # _wake(), less a call per record
+                            connection._waiter = None
+                            if not waiter.done():
+                                waiter.set_result(None)
                     burst += 1
             elif isinstance(event, (ConnectionEstablished, ConnectionRestored)):
                 engine = self._core.connection(event.address)

@@ -137,6 +137,13 @@ class DataReceived:
     data: bytes
 
 
+# A DataReceived per record without the frozen dataclass's __init__ (two
+# object.__setattr__ calls, most of its cost): its own slot descriptors set it.
+_new_event = object.__new__
+_set_address = DataReceived.__dict__["address"].__set__
+_set_data = DataReceived.__dict__["data"].__set__
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     """An association ended; its state is gone. ``error`` says why when it failed."""
@@ -973,7 +980,10 @@ class DtlsServer:
             if queued >= limit:
                 self._stats.records_dropped += 1
             else:
-                events.append(DataReceived(address, buf[start:end]))
+                event = _new_event(DataReceived)
+                _set_address(event, address)
+                _set_data(event, buf[start:end])
+                events.append(event)
                 unread[address] = queued + 1
             start = end
 
@@ -1155,7 +1165,10 @@ class DtlsServer:
             if queued >= self.max_queued_records:
                 self._stats.records_dropped += 1
                 continue
-            events.append(DataReceived(address, _unpack(conn.data, n)))
+            event = _new_event(DataReceived)
+            _set_address(event, address)
+            _set_data(event, _unpack(conn.data, n))
+            events.append(event)
             queued += 1
         if queued:
             unread[address] = queued

@@ -357,3 +357,20 @@ def test_the_table_grows_and_shrinks_with_its_peers(make_pair: Any) -> None:
     assert [lib.pd_fast_put(table, raw(i), conn) for i in range(4990, 5000)] == ids[4990:]
     again = [lib.pd_fast_put(table, raw(i), conn) for i in range(100)]
     assert max(again) < 5000 and lib.pd_fast_count(table) == 110  # freed ids come back
+
+
+@pytest.mark.parametrize("batch_io", MODES)
+def test_record_events_are_the_frozen_dataclass(rig: Any, client_ctx: DtlsContext,
+                                                batch_io: bool | None) -> None:
+    import dataclasses
+    r = rig(batch_io)
+    c = r.client(client_ctx)
+    for k in range(3):
+        c.engine.write(b"event %d" % k)
+        c.flush()
+        r.pump()
+    events = [e for e in r.events if type(e) is DataReceived]
+    assert events == [DataReceived(c.address, b"event %d" % k) for k in range(3)]
+    assert len({*events}) == 3 and repr(events[0]) == f"DataReceived(address={c.address!r}, data=b'event 0')"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        events[0].data = b"changed"  # type: ignore[misc]
