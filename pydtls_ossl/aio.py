@@ -23,12 +23,12 @@ from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from ._batch_io import will_batch
-from .server_socket import ServerSocket
 from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
 from .server import (Address, AddressChanged, ConnectionEstablished, ConnectionEvicted, ConnectionRestored,
                      ConnectionTerminated, DataReceived, DtlsServer)
+from .server_socket import ServerSocket
 from .sockets import Introspection
 
 __all__ = ["AsyncDtlsConnection", "AsyncDtlsServer", "connect", "serve"]
