@@ -443,7 +443,7 @@ static int pd_fast_send(pd_fast *f, int fd, int *stats)
                 memcpy(f->pend_addrs[f->pend_n], s->addr, PD_FAST_ADDR);
                 f->pend_n++;
             }
-            if (c->out_len > 0)
+            if (n != 0 && c->out_len > 0)  /* (nothing pulled: nothing whole left, as pd_pull says) */
                 pd_fast_mark(f, id);  /* more for this peer: after the others */
         }
         if (f->pend_n == 0)
