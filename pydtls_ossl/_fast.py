@@ -30,8 +30,6 @@ __all__ = ["FastPeers"]
 
 _OUT_BYTES = 1 << 17  # plaintext room per input call: a full batch of 2 KB datagrams
 _OUT_RECORDS = 4096
-_ADDR = lib.PD_FAST_ADDR
-_UNTOUCHED = lib.PD_FAST_UNTOUCHED
 _ROOM = lib.PD_FAST_ROOM
 _FED = lib.PD_FAST_FED
 _pd_input = lib.pd_fast_input

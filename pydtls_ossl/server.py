@@ -954,16 +954,14 @@ class DtlsServer:
             self._fast_table = self._fast.table
 
     def _feed_batch(self, io: Any, count: int) -> None:
-        """Datagrams [0, count) of a ``BatchIO`` receive, as ``feed()`` would take them."""
+        """Datagrams [0, count) of a ``BatchIO`` receive, as ``feed()`` would take them
+        (through the C table, which this turns on if no surface did)."""
         if self._results and not self._collecting:
             self._collect()
-        fast = self._fast
-        if fast is None:
-            feed, address_at, datagram_at = self.feed, io.address_at, io.datagram_at
-            for i in range(count):
-                feed(datagram_at(i), address_at(i))
-            return
-        fast.feed(self, io, count)
+        if self._fast is None:
+            self._use_fast()
+        assert self._fast is not None
+        self._fast.feed(self, io, count)
 
     def _fast_records(self, fast: FastPeers, count: int) -> None:
         """The records the C table just decrypted, as events (``_queue_records`` rules)."""
@@ -998,14 +996,14 @@ class DtlsServer:
     def _fast_admit(self, address: Address, raw: bytes) -> None:
         """Put the peer at ``address`` (the kernel's ``raw`` sockaddr) in the C table, once
         it is an established peer the table can take."""
-        fast = self._fast
-        if fast is None or self.context.record_layer != "engine":
+        if self.context.record_layer != "engine":
             return  # libssl's record layer: the table cannot take its records
         peer = self._peers.get(address)
         if peer is None or peer.fast != _FAST_NOT_HERE or not peer.established \
-                or peer.replacement is not None or peer.address != address:
+                or peer.replacement is not None:
             return
-        fast.admit(peer, raw)
+        assert self._fast is not None  # only the table's own feed() asks
+        self._fast.admit(peer, raw)
 
     def _fast_drop(self, peer: _Peer) -> None:
         assert self._fast is not None
@@ -1021,9 +1019,9 @@ class DtlsServer:
         """Send what peers in the C table queued, with ``sendmmsg`` on ``fd``; False
         when the socket buffer filled (call again once it is writable)."""
         fast = self._fast
-        if fast is None or not fast.waiting():
+        if fast is None:
             return True
-        done, refused, oversize = fast.send(fd)
+        done, refused, oversize = fast.send(fd)  # nothing queued: one C call that finds so
         if oversize:
             raise InternalError(f"{oversize} records larger than the MTU were dropped")
         if refused:
