@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from ._batch_io import will_batch
+from ._waiter import RecordWaiter, outside_tasks
 from ._errors import ConnectionClosed, DtlsError
 from .context import DtlsContext
 from .engine import Dtls
@@ -105,28 +106,19 @@ class AsyncDtlsConnection(Introspection):
         self._reads_engine = reads_engine
         self._flow = flow
         self._received: deque[bytes] = deque()
-        self._waiter: asyncio.Future[None] | None = None  # only while recv() waits
         self._loop = loop = asyncio.get_running_loop()  # (asking each time is a getpid() syscall)
-        # a waiter per recv() that waits: asyncio's own loops make a plain Future, so make
-        # it here without their create_future() frame; other loops are asked
-        self._new_waiter: Callable[[], asyncio.Future[None]] = (
-            functools.partial(asyncio.Future, loop=loop)
-            if type(loop).create_future is asyncio.BaseEventLoop.create_future else loop.create_future)
+        self._waiter = RecordWaiter(loop)
         self._ended: BaseException | None = None
         self.dropped = 0
 
     # fed by the protocols
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def _wake(self, inline: bool = False) -> None:
+        self._waiter.wake(inline)
 
     def _end(self, error: BaseException) -> None:
         if self._ended is None:
             self._ended = error
-        self._wake()
+        self._waiter.wake(False)
 
     def recv(self) -> Coroutine[Any, Any, bytes]:
         """The next record's plaintext; ``ConnectionClosed`` once the association ends.
@@ -155,7 +147,6 @@ class AsyncDtlsConnection(Introspection):
                 if iterating:
                     raise StopAsyncIteration
                 raise ConnectionClosed(str(ended))
-            self._waiter = self._new_waiter()
             await self._waiter
 
     def send(self, data: bytes) -> int:
@@ -208,7 +199,7 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         readable = self.engine.feed(data)
         self._step(None)
         if readable and self.connection is not None:
-            self.connection._wake()
+            self.connection._wake(outside_tasks(self.connection._loop))
 
     def _step(self, action: Callable[[], Any] | None) -> None:
         engine = self.engine
@@ -403,7 +394,8 @@ class AsyncDtlsServer:
         self._loop = asyncio.get_running_loop()
         self._transport: Any = None  # a DatagramTransport, or a _BatchEndpoint
         self._batched = False
-        self._burst = 0  # records the last input delivered: > 1 gathers the replies
+        self._burst = 0  # records the last input woke handlers for: > 1 gathers the replies
+        self._delivering = False  # handlers run inside _after_io: it sends their replies
         self._flush_pending = False
         self._timer = _Timer(self._loop, self._on_timer)
         self._flow = _FlowControl()
@@ -437,72 +429,98 @@ class AsyncDtlsServer:
         return self._batched
 
     def _after_io(self) -> None:
+        """The core's events to the connections, then its datagrams out.
+
+        Outside any task (a socket, timer or thread wake-up) a handler waiting
+        for a record is stepped right here, so the replies to one batch leave
+        in one ``sendmmsg`` after it, in the same loop iteration. Called from a
+        handler (``close()``), the others wake on the next iteration instead.
+        """
         burst, connections, limit = 0, self._connections, self._max_queued
-        for event in self._core._take_events():
-            if type(event) is DataReceived:  # the common case first, delivered here
-                connection = connections.get(event.address)
-                if connection is not None:
-                    received = connection._received
-                    if len(received) >= limit:
-                        connection.dropped += 1
-                    else:
-                        received.append(event.data)
-                        waiter = connection._waiter
-                        if waiter is not None:  # _wake(), less a call per record
-                            connection._waiter = None
-                            if not waiter.done():
-                                waiter.set_result(None)
-                    burst += 1
-            elif isinstance(event, (ConnectionEstablished, ConnectionRestored)):
-                engine = self._core.connection(event.address)
-                assert engine is not None
-                address = event.address
-                conn = AsyncDtlsConnection(engine, address, functools.partial(self._write, address),
-                                           functools.partial(self._close_peer, address),
-                                           self._flow, reads_engine=False)
-                self._connections[address] = conn
-                task = self._loop.create_task(self._run_handler(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            elif isinstance(event, ConnectionTerminated):
-                connection = self._connections.pop(event.address, None)
-                if connection is not None:
-                    connection._end(event.error or ConnectionClosed(event.reason))
-            elif isinstance(event, ConnectionEvicted):  # its handler ends; a restore starts one
-                connection = self._connections.pop(event.address, None)
-                if connection is not None:
-                    connection._end(ConnectionClosed("moved to the association store"))
-            elif isinstance(event, AddressChanged):  # Connection ID: the peer moved
-                connection = self._connections.pop(event.old_address, None)
-                if connection is not None:
-                    connection.address = event.address
-                    connection._write = functools.partial(self._write, event.address)
-                    connection._close = functools.partial(self._close_peer, event.address)
-                    self._connections[event.address] = connection
-        self._burst = burst
+        inline = outside_tasks(self._loop)
+        delivering, self._delivering = self._delivering, inline
+        try:
+            for event in self._core._take_events():
+                if type(event) is DataReceived:  # the common case first, delivered here
+                    connection = connections.get(event.address)
+                    if connection is not None:
+                        received = connection._received
+                        if len(received) >= limit:
+                            connection.dropped += 1
+                        else:
+                            received.append(event.data)
+                            waiter = connection._waiter
+                            if waiter._callback is not None:  # its handler waits
+                                waiter.wake(inline)
+                        burst += 1
+                else:
+                    self._on_event(event)
+        finally:
+            self._delivering = delivering
+        self._burst = 0 if inline else burst
         self._send_datagrams()
-        if burst > 1 and self._batched:
+        if burst > 1 and not inline and self._batched:
             self._flush_soon()  # queued behind the handlers just woken: in the same iteration
         self._timer.arm(self._core.get_timeout())
+
+    def _on_event(self, event: object) -> None:
+        """Any event but a record: a connection starts, ends, or moves."""
+        if isinstance(event, (ConnectionEstablished, ConnectionRestored)):
+            engine = self._core.connection(event.address)
+            assert engine is not None
+            address = event.address
+            conn = AsyncDtlsConnection(engine, address, functools.partial(self._write, address),
+                                       functools.partial(self._close_peer, address),
+                                       self._flow, reads_engine=False)
+            self._connections[address] = conn
+            running = self._handler(conn)
+            # the handler's own coroutine is the task, without a wrapper frame
+            # for every record to resume through; _handler_done does the rest
+            task = self._loop.create_task(running if asyncio.iscoroutine(running)
+                                          else self._await(running))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._handler_done, conn))
+        elif isinstance(event, ConnectionTerminated):
+            connection = self._connections.pop(event.address, None)
+            if connection is not None:
+                connection._end(event.error or ConnectionClosed(event.reason))
+        elif isinstance(event, ConnectionEvicted):  # its handler ends; a restore starts one
+            connection = self._connections.pop(event.address, None)
+            if connection is not None:
+                connection._end(ConnectionClosed("moved to the association store"))
+        elif isinstance(event, AddressChanged):  # Connection ID: the peer moved
+            connection = self._connections.pop(event.old_address, None)
+            if connection is not None:
+                connection.address = event.address
+                connection._write = functools.partial(self._write, event.address)
+                connection._close = functools.partial(self._close_peer, event.address)
+                self._connections[event.address] = connection
 
     def _flush_soon(self) -> None:
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self._send_datagrams)
 
-    async def _run_handler(self, connection: AsyncDtlsConnection) -> None:
-        try:
-            await self._handler(connection)
-        except (ConnectionClosed, asyncio.CancelledError):
-            pass
-        except Exception:
-            _log.exception("DTLS connection handler for %s failed", connection.address)
-        finally:
-            if not self._closed.is_set():
-                await connection.close()
+    @staticmethod
+    async def _await(awaitable: Awaitable[None]) -> None:
+        await awaitable
+
+    def _handler_done(self, connection: AsyncDtlsConnection, task: asyncio.Task[None]) -> None:
+        """A handler returned, raised or was cancelled: log a failure, end its association."""
+        self._tasks.discard(task)
+        if not task.cancelled():
+            error = task.exception()
+            if error is not None and not isinstance(error, ConnectionClosed):
+                _log.error("DTLS connection handler for %s failed", connection.address,
+                           exc_info=error)
+        if not self._closed.is_set() and connection._ended is None:
+            connection._close()
+            connection._end(ConnectionClosed("the association was closed by close()"))
 
     def _write(self, address: Address, data: bytes) -> int:
         n = self._core.send(address, data)
+        if self._delivering:
+            return n  # a handler stepped by _after_io, which sends once its batch ran
         if self._burst > 1 and self._batched:
             # several handlers were woken by one batch: their replies leave together,
             # in one sendmmsg once they all ran

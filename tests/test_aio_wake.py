@@ -1,0 +1,102 @@
+"""aio.serve: a handler waiting for a record is stepped by the batch that brings
+it (no Future, no extra loop iteration), and its wait behaves as a Future's
+would under cancellation, timeouts, context variables and misuse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import select
+from typing import Any
+
+import pytest
+
+from pydtls_ossl import ConnectionClosed, DtlsContext, aio
+from pydtls_ossl._batch_io import batch_available
+
+tag: contextvars.ContextVar[str] = contextvars.ContextVar("tag", default="unset")
+
+
+def client_socket(connection: aio.AsyncDtlsConnection) -> Any:
+    return connection._write.__self__.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not batch_available(), reason="the batched server needs recvmmsg (Linux)")
+def test_reply_leaves_in_the_batch_that_brought_the_record(server_ctx: DtlsContext,
+                                                          client_ctx: DtlsContext) -> None:
+    async def echo(conn: aio.AsyncDtlsConnection) -> None:
+        async for message in conn:
+            conn.send(message)
+
+    async def main() -> None:
+        async with await aio.serve(echo, "127.0.0.1", 0, context=server_ctx) as server:
+            assert server.batched
+            connection = await aio.connect("127.0.0.1", server.address[1], context=client_ctx)
+            connection.send(b"warm")
+            assert await asyncio.wait_for(connection.recv(), 5) == b"warm"
+            await asyncio.sleep(0.05)  # the handler is waiting again
+            loop = asyncio.get_running_loop()
+            seen: asyncio.Future[tuple[bool, bool]] = loop.create_future()
+
+            def one_callback() -> None:  # no loop iteration between the read and the check
+                arrived = bool(select.select([server.sockets[0]], [], [], 2)[0])
+                server._transport._readable()
+                replied = bool(select.select([client_socket(connection)], [], [], 1)[0])
+                seen.set_result((arrived, replied))
+
+            connection.send(b"ping")
+            loop.call_soon(one_callback)
+            assert await seen == (True, True)
+            assert await asyncio.wait_for(connection.recv(), 5) == b"ping"
+            await connection.close()
+
+    asyncio.run(main())
+
+
+def test_waiting_handler_cancelled_timed_out_and_in_its_context(server_ctx: DtlsContext,
+                                                                client_ctx: DtlsContext) -> None:
+    outcome: dict[str, Any] = {}
+
+    async def handler(conn: aio.AsyncDtlsConnection) -> None:
+        tag.set(f"handler {conn.address[1]}")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(conn.recv(), 0.05)  # cancels the wait
+        outcome["after timeout"] = await conn.recv()
+        outcome["context"] = tag.get()
+        conn.send(b"ready")
+        second = asyncio.ensure_future(conn.recv())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await conn.recv()
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        outcome["after cancel"] = await conn.recv()
+        conn.send(b"done")
+        waiting = asyncio.current_task()
+        assert waiting is not None
+        asyncio.get_running_loop().call_later(0.05, waiting.cancel, "stop")
+        try:
+            await conn.recv()
+        except asyncio.CancelledError as exc:
+            outcome["cancelled"] = exc.args
+            raise
+
+    async def main() -> None:
+        async with await aio.serve(handler, "127.0.0.1", 0, context=server_ctx) as server:
+            connection = await aio.connect("127.0.0.1", server.address[1], context=client_ctx)
+            await asyncio.sleep(0.2)
+            connection.send(b"one")
+            assert await asyncio.wait_for(connection.recv(), 5) == b"ready"
+            await asyncio.sleep(0.1)
+            connection.send(b"two")
+            assert await asyncio.wait_for(connection.recv(), 5) == b"done"
+            await asyncio.sleep(0.2)
+            with pytest.raises(ConnectionClosed):  # the cancelled handler closed its association
+                await asyncio.wait_for(connection.recv(), 5)
+
+    asyncio.run(main())
+    assert outcome["after timeout"] == b"one"
+    assert outcome["context"].startswith("handler ")
+    assert outcome["after cancel"] == b"two"
+    assert outcome["cancelled"] == ("stop",)
