@@ -274,6 +274,20 @@ static void pd_rl_free(struct pd_rl *rl)
     free(rl);
 }
 
+/* The record's additional data to ctx in OpenSSL's TLS AEAD mode, where one
+ * EVP_CipherUpdate then takes care of the nonce, the cipher and the tag.
+ * Straight to the provider: EVP_CTRL_AEAD_TLS1_AAD sets this same parameter
+ * and then reads the tag length back, its parameter lookups costing as much
+ * again (a tenth of a busy server's instructions). 1: set. */
+static int pd_tls_aad(EVP_CIPHER_CTX *ctx, unsigned char *aad)
+{
+    OSSL_PARAM params[2];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TLS1_AAD, aad,
+                                                  PD_RECORD_HEADER);
+    params[1] = OSSL_PARAM_construct_end();
+    return EVP_CIPHER_CTX_set_params(ctx, params) == 1;
+}
+
 /* Authenticate and decrypt record r (header, then blen bytes) into dst, which
  * has room for blen bytes. Returns the plaintext length, or -1. */
 static long pd_rl_open(const struct pd_rl *rl, EVP_CIPHER_CTX *ctx, const unsigned char *r,
@@ -291,8 +305,7 @@ static long pd_rl_open(const struct pd_rl *rl, EVP_CIPHER_CTX *ctx, const unsign
     memcpy(aad + 8, r, 3); /* type and version */
     memcpy(aad + 11, r + 11, 2); /* OpenSSL takes off the nonce and tag itself */
     memcpy(dst, r + PD_RECORD_HEADER, blen);
-    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_TLS1_AAD, PD_RECORD_HEADER, aad) <= 0
-            || EVP_CipherUpdate(ctx, dst, &outl, dst, (int)blen) != 1) {
+    if (!pd_tls_aad(ctx, aad) || EVP_CipherUpdate(ctx, dst, &outl, dst, (int)blen) != 1) {
         pd_clear_errors();
         return -1;
     }
@@ -342,7 +355,7 @@ static int pd_rl_seal(pd_conn *c, int type, const void *data, size_t len)
     aad[11] = (unsigned char)((rl->explicit_iv + len) >> 8); /* OpenSSL takes off the nonce */
     aad[12] = (unsigned char)(rl->explicit_iv + len);
     memcpy(r + PD_RECORD_HEADER + rl->explicit_iv, data, len);
-    if (EVP_CIPHER_CTX_ctrl(rl->enc, EVP_CTRL_AEAD_TLS1_AAD, PD_RECORD_HEADER, aad) <= 0
+    if (!pd_tls_aad(rl->enc, aad)
             || EVP_CipherUpdate(rl->enc, r + PD_RECORD_HEADER, &outl,
                                 r + PD_RECORD_HEADER, (int)body) != 1
             || (size_t)outl != body) {
