@@ -179,6 +179,27 @@ class AsyncDtlsConnection(Introspection):
         await self.close()
 
 
+class _ServerConnection(AsyncDtlsConnection):
+    """A server's connection: ``send()`` goes straight to the server core."""
+
+    def __init__(self, server: AsyncDtlsServer, engine: Dtls, address: Address) -> None:
+        super().__init__(engine, address, functools.partial(server._write, address),
+                         functools.partial(server._close_peer, address), server._flow,
+                         reads_engine=False)
+        self._server = server
+        self._core_send = server._core.send
+
+    def send(self, data: bytes) -> int:
+        """Send one record now; never blocks (see ``drain()``)."""
+        if self._ended is not None:
+            raise ConnectionClosed(f"association ended: {self._ended}")
+        n = self._core_send(self.address, data)
+        server = self._server
+        if not server._delivering:  # else _after_io, stepping this handler, sends after
+            server._sent()
+        return n
+
+
 # ------------------------------------------------------------------ client
 
 class _ClientProtocol(asyncio.DatagramProtocol):
@@ -450,8 +471,14 @@ class AsyncDtlsServer:
                         else:
                             received.append(event.data)
                             waiter = connection._waiter
-                            if waiter._callback is not None:  # its handler waits
-                                waiter.wake(inline)
+                            callback = waiter._callback
+                            if callback is not None:  # its handler waits
+                                if inline:  # waiter.wake(True), less a call per record
+                                    context = waiter._context
+                                    waiter._callback = waiter._context = None
+                                    context.run(callback, waiter)  # type: ignore[union-attr]
+                                else:
+                                    waiter.wake(False)
                         burst += 1
                 else:
                     self._on_event(event)
@@ -469,9 +496,7 @@ class AsyncDtlsServer:
             engine = self._core.connection(event.address)
             assert engine is not None
             address = event.address
-            conn = AsyncDtlsConnection(engine, address, functools.partial(self._write, address),
-                                       functools.partial(self._close_peer, address),
-                                       self._flow, reads_engine=False)
+            conn = _ServerConnection(self, engine, address)
             self._connections[address] = conn
             running = self._handler(conn)
             # the handler's own coroutine is the task, without a wrapper frame
@@ -519,8 +544,12 @@ class AsyncDtlsServer:
 
     def _write(self, address: Address, data: bytes) -> int:
         n = self._core.send(address, data)
-        if self._delivering:
-            return n  # a handler stepped by _after_io, which sends once its batch ran
+        if not self._delivering:  # else a handler stepped by _after_io, which sends after
+            self._sent()
+        return n
+
+    def _sent(self) -> None:
+        """A handler queued a record outside ``_after_io``: out now, or with its batch's."""
         if self._burst > 1 and self._batched:
             # several handlers were woken by one batch: their replies leave together,
             # in one sendmmsg once they all ran
@@ -528,7 +557,6 @@ class AsyncDtlsServer:
                 self._flush_soon()
         else:
             self._send_datagrams()  # nothing else is coming: straight out
-        return n
 
     def _close_peer(self, address: Address) -> None:
         self._core.close(address)
