@@ -26,14 +26,12 @@ class RecordWaiter:
     (``outside_tasks``): asyncio refuses to step a task inside another's step.
     """
 
-    __slots__ = ("_loop", "_callback", "_context", "_cancelled", "_message", "_asyncio_future_blocking")
+    __slots__ = ("_loop", "_callback", "_context", "_asyncio_future_blocking")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._callback: Callable[[Any], object] | None = None
         self._context: contextvars.Context | None = None
-        self._cancelled = False
-        self._message: Any = None
         self._asyncio_future_blocking = False
 
     @property
@@ -74,19 +72,24 @@ class RecordWaiter:
         return self._callback is None
 
     def cancelled(self) -> bool:
-        return self._cancelled
+        return False
 
     def result(self) -> None:
-        if self._cancelled:
-            self._cancelled, message, self._message = False, self._message, None
-            raise asyncio.CancelledError() if message is None else asyncio.CancelledError(message)
+        return None
 
     def cancel(self, msg: Any = None) -> bool:
-        """``Task.cancel()`` of the waiting task: it wakes with ``CancelledError``."""
-        if self._callback is None:
+        """``Task.cancel()`` of the waiting task: it wakes with ``CancelledError``.
+
+        It is handed a cancelled Future to take its result from, so the
+        cancellation stays with that task even if another one waits here next.
+        """
+        callback, context = self._callback, self._context
+        if callback is None:
             return False
-        self._cancelled, self._message = True, msg
-        self.wake(False)
+        self._callback = self._context = None
+        cancelled = self._loop.create_future()
+        cancelled.cancel(msg)
+        self._loop.call_soon(callback, cancelled, context=context)
         return True
 
     def __repr__(self) -> str:

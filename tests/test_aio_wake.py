@@ -100,3 +100,27 @@ def test_waiting_handler_cancelled_timed_out_and_in_its_context(server_ctx: Dtls
     assert outcome["context"].startswith("handler ")
     assert outcome["after cancel"] == b"two"
     assert outcome["cancelled"] == ("stop",)
+
+
+def test_a_cancelled_wait_stays_with_its_task() -> None:
+    """One task's cancellation never lands on the next task to wait on the connection."""
+    from pydtls_ossl._waiter import RecordWaiter
+
+    async def main() -> tuple[bool, str]:
+        waiter = RecordWaiter(asyncio.get_running_loop())
+
+        async def wait() -> str:
+            await waiter
+            return "woken"
+
+        first = asyncio.create_task(wait())
+        await asyncio.sleep(0)
+        assert waiter.waiting
+        second = asyncio.create_task(wait())  # steps next: it waits once the first is cancelled
+        asyncio.get_running_loop().call_soon(waiter.wake, True)  # then a record comes for it
+        first.cancel("stop")  # its wake-up runs last
+        assert not waiter.waiting
+        done = await asyncio.gather(first, second, return_exceptions=True)
+        return isinstance(done[0], asyncio.CancelledError), str(done[1])
+
+    assert asyncio.run(main()) == (True, "woken")
