@@ -43,8 +43,10 @@ QUICK_SCENARIOS = ((1, 100), (50, 100), (500, 100))
 #: (column, wire_servers.py surface or "c")
 SURFACES = (("C server", "c"), ("plain loop", "plain"), ("batch loop", "batch"),
             ("aio.serve", "aio"), ("listen()", "listen"), ("aio.serve x2 workers", "aio2"))
-#: the surfaces as they were: one recvfrom/sendto per datagram (full runs only)
-BEFORE = (("aio, no batch", "aio-nobatch"), ("listen, no batch", "listen-nobatch"))
+#: without batches (full runs only): the surfaces with batch_io=False, one recvfrom/sendto
+#: per datagram, and aio.serve as on a platform without recvmmsg (a recvfrom loop)
+BEFORE = (("aio, no batch", "aio-nobatch"), ("listen, no batch", "listen-nobatch"),
+          ("aio, recvfrom loop", "aio-recvfrom"))
 #: the independent reference, when it can be built (``build_pion``)
 PION = (("pion/dtls", "pion"),)
 #: where Debian's golang-*-dev packages put their sources (a GOPATH root)
@@ -266,7 +268,8 @@ def run(quick: bool, rounds: int | None = None, window: float | None = None,
 
 INSTRUCTION_SURFACES = (("plain loop", "plain"), ("batch loop", "batch"), ("aio.serve", "aio"),
                         ("aio, no batch", "aio-nobatch"), ("listen()", "listen"),
-                        ("listen, no batch", "listen-nobatch"))
+                        ("listen, no batch", "listen-nobatch"),
+                        ("aio, recvfrom loop", "aio-recvfrom"))
 
 
 def instructions(clients: int = 10, size: int = 100, windows: tuple[float, float] = (3.0, 9.0),
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the pion/dtls column (no Go build)")
     parser.add_argument("--surfaces", default="",
                         help="comma-separated surfaces to measure beside the C server "
-                             "(plain,batch,aio,listen,aio2,aio-nobatch,listen-nobatch,pion)")
+                             "(plain,batch,aio,listen,aio2,aio-nobatch,listen-nobatch,aio-recvfrom,pion)")
     parser.add_argument("--instructions", action="store_true",
                         help="server instructions per echo under callgrind instead of timing")
     args = parser.parse_args(argv)

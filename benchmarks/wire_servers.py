@@ -6,6 +6,8 @@ SURFACE: ``plain`` (``DtlsServer`` + a recvfrom/sendto loop), ``batch``
 (the same loop over ``ServerSocket``: recvmmsg/sendmmsg, records through C), ``aio``
 (``aio.serve``), ``listen`` (``DtlsContext.listen()``, one thread per peer);
 ``aio-nobatch`` and ``listen-nobatch`` are the last two with ``batch_io=False``;
+``aio-recvfrom`` is ``aio`` without batches (``PYDTLS_OSSL_BATCH_IO=0``, as on
+platforms without recvmmsg), reading its socket in a recvfrom loop;
 ``aio2`` is ``aio`` in two SO_REUSEPORT worker processes (``pydtls_ossl.reuseport``).
 Prints ``port=<n>`` once bound; exits after LIFETIME seconds at most.
 Every Python server's socket gets a 4 MiB receive buffer (500 peers' requests
@@ -154,6 +156,9 @@ def main() -> int:
         batch(ctx, int(port))
     elif surface == "aio2":
         asyncio_workers(ctx, int(port), 2, float(lifetime))
+    elif surface == "aio-recvfrom":  # as where the platform has no batches: a recvfrom loop
+        os.environ["PYDTLS_OSSL_BATCH_IO"] = "0"
+        asyncio_server(ctx, int(port), None)
     elif surface.startswith("aio"):
         asyncio_server(ctx, int(port), False if surface.endswith("nobatch") else None)
     elif surface.startswith("listen"):

@@ -2,10 +2,11 @@
 
 Both drive the sans-IO engine and server core: feed what arrives, send what
 is queued, re-arm one ``loop.call_at`` timer. The client is a
-``DatagramProtocol``; on Linux the server reads its socket with
-``loop.add_reader`` and ``recvmmsg`` (one trip per batch of datagrams from the
-socket to the core and back out through ``sendmmsg``), elsewhere (or with
-``batch_io=False``) it is a ``DatagramProtocol`` too.
+``DatagramProtocol``; the server reads its socket with ``loop.add_reader``,
+on Linux with ``recvmmsg`` (one trip per batch of datagrams from the socket
+to the core and back out through ``sendmmsg``), elsewhere with a ``recvfrom``
+loop; with ``batch_io=False`` (or a loop without ``add_reader``) it is a
+``DatagramProtocol`` too.
 Memory stays bounded: a client reads straight from the engine (which keeps at
 most 1 MiB unread), a server connection keeps at most ``max_queued_records``
 unread records and drops newer ones, as a full UDP socket buffer would.
@@ -334,8 +335,8 @@ class _ServerProtocol(asyncio.DatagramProtocol):
 
 class _BatchEndpoint:
     """The server's socket without a transport: ``add_reader`` + a ``ServerSocket``
-    (``recvmmsg`` in, ``sendmmsg`` out). Answers what ``AsyncDtlsServer`` asks of a
-    transport. A full socket buffer keeps what did not go in the ``ServerSocket``'s
+    (``recvmmsg`` in, ``sendmmsg`` out; a ``recvfrom`` loop and ``sendto`` where the
+    platform has no batches). Answers what ``AsyncDtlsServer`` asks of a transport. A full socket buffer keeps what did not go in the ``ServerSocket``'s
     bounded backlog, flushed when the socket is writable, ``drain()`` waiting meanwhile.
     """
 
@@ -414,7 +415,8 @@ class AsyncDtlsServer:
         self._export_on_close = export_on_close
         self._loop = asyncio.get_running_loop()
         self._transport: Any = None  # a DatagramTransport, or a _BatchEndpoint
-        self._batched = False
+        self._batched = False  # recvmmsg/sendmmsg
+        self._reading = False  # its own add_reader and ServerSocket, not a transport
         self._burst = 0  # records the last input woke handlers for: > 1 gathers the replies
         self._delivering = False  # handlers run inside _after_io: it sends their replies
         self._flush_pending = False
@@ -486,7 +488,7 @@ class AsyncDtlsServer:
             self._delivering = delivering
         self._burst = 0 if inline else burst
         self._send_datagrams()
-        if burst > 1 and not inline and self._batched:
+        if burst > 1 and not inline and self._reading:
             self._flush_soon()  # queued behind the handlers just woken: in the same iteration
         self._timer.arm(self._core.get_timeout())
 
@@ -550,7 +552,7 @@ class AsyncDtlsServer:
 
     def _sent(self) -> None:
         """A handler queued a record outside ``_after_io``: out now, or with its batch's."""
-        if self._burst > 1 and self._batched:
+        if self._burst > 1 and self._reading:
             # several handlers were woken by one batch: their replies leave together,
             # in one sendmmsg once they all ran
             if not self._flush_pending:
@@ -567,7 +569,7 @@ class AsyncDtlsServer:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._batched:
+        if self._reading:
             transport.send_due()
             return
         for datagram, address in self._core.datagrams_to_send():
@@ -635,7 +637,10 @@ async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
     one ``cookie_secret`` and one association store; see examples/cluster.py).
     ``batch_io``: None (the default) reads and writes the socket in batches
     (``recvmmsg``/``sendmmsg``) where the platform has them, unless
-    ``PYDTLS_OSSL_BATCH_IO=0``; False keeps asyncio's datagram transport.
+    ``PYDTLS_OSSL_BATCH_IO=0``. Elsewhere the server still reads its socket
+    itself (``add_reader`` and a ``recvfrom`` loop: many datagrams per loop
+    iteration), on a loop that has ``add_reader``. False keeps asyncio's
+    datagram transport, as does a loop without ``add_reader``.
     """
     server = AsyncDtlsServer(handler, context, max_queued_records, limits, export_on_close)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -643,12 +648,16 @@ async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
         infos = await server._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            if will_batch(batch_io):
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(infos[0][4])
-                server._transport = _BatchEndpoint(server, sock, batch_io)
-                server._batched = server._transport._io.batched
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(infos[0][4])
+            try:
+                endpoint = _BatchEndpoint(server, sock, batch_io)
+            except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+                endpoint = None
+            if endpoint is not None:
+                server._transport, server._reading = endpoint, True
+                server._batched = endpoint._io.batched
                 return server
         except BaseException:
             sock.close()

@@ -21,16 +21,22 @@ def client_socket(connection: aio.AsyncDtlsConnection) -> Any:
     return connection._write.__self__.transport.get_extra_info("socket")  # type: ignore[attr-defined]
 
 
-@pytest.mark.skipif(not batch_available(), reason="the batched server needs recvmmsg (Linux)")
+@pytest.mark.parametrize("batches", [pytest.param(True, id="recvmmsg"),
+                                     pytest.param(False, id="recvfrom-loop")])
 def test_reply_leaves_in_the_batch_that_brought_the_record(server_ctx: DtlsContext,
-                                                          client_ctx: DtlsContext) -> None:
+                                                          client_ctx: DtlsContext, batches: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if not batches:
+        monkeypatch.setenv("PYDTLS_OSSL_BATCH_IO", "0")
+    elif not batch_available():
+        pytest.skip("recvmmsg: Linux only")
     async def echo(conn: aio.AsyncDtlsConnection) -> None:
         async for message in conn:
             conn.send(message)
 
     async def main() -> None:
         async with await aio.serve(echo, "127.0.0.1", 0, context=server_ctx) as server:
-            assert server.batched
+            assert server.batched == batches and server._reading
             connection = await aio.connect("127.0.0.1", server.address[1], context=client_ctx)
             connection.send(b"warm")
             assert await asyncio.wait_for(connection.recv(), 5) == b"warm"

@@ -59,9 +59,16 @@ def test_blocking_listener_serves_many_clients(server_ctx: DtlsContext, client_c
         assert answers == {i: messages(i) for i in range(CLIENTS)}
 
 
-@pytest.mark.parametrize("batch_io", MODES)
+@pytest.mark.parametrize("batch_io", MODES + [pytest.param("reader", id="unbatched-reader")])
 def test_asyncio_server_serves_many_clients(server_ctx: DtlsContext, client_ctx: DtlsContext,
-                                            batch_io: bool | None) -> None:
+                                            batch_io: bool | str | None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reader``: no batches (as where the platform has none), the server still
+    reading its socket itself, a recvfrom loop per loop iteration."""
+    reader = batch_io == "reader"
+    if reader:
+        monkeypatch.setenv("PYDTLS_OSSL_BATCH_IO", "0")
+        batch_io = None
     async def echo(conn: aio.AsyncDtlsConnection) -> None:
         async for message in conn:
             conn.send(message)
@@ -80,8 +87,10 @@ def test_asyncio_server_serves_many_clients(server_ctx: DtlsContext, client_ctx:
         return got
 
     async def main() -> None:
-        async with await aio.serve(echo, "127.0.0.1", 0, context=server_ctx, batch_io=batch_io) as server:
+        async with await aio.serve(echo, "127.0.0.1", 0, context=server_ctx,
+                                   batch_io=batch_io) as server:  # type: ignore[arg-type]
             assert server.batched == (batch_io is None and batch_available())
+            assert server._reading == (batch_io is None)
             server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
             port = server.address[1]
             results = await asyncio.gather(*(client(port, i) for i in range(CLIENTS)))
