@@ -14,6 +14,8 @@ import pytest
 from pydtls_ossl import ConnectionClosed, DtlsContext, aio
 from pydtls_ossl._batch_io import batch_available
 
+from .surfaces import async_echo
+
 tag: contextvars.ContextVar[str] = contextvars.ContextVar("tag", default="unset")
 
 
@@ -30,12 +32,9 @@ def test_reply_leaves_in_the_batch_that_brought_the_record(server_ctx: DtlsConte
         monkeypatch.setenv("PYDTLS_OSSL_BATCH_IO", "0")
     elif not batch_available():
         pytest.skip("recvmmsg: Linux only")
-    async def echo(conn: aio.AsyncDtlsConnection) -> None:
-        async for message in conn:
-            conn.send(message)
 
     async def main() -> None:
-        async with await aio.serve(echo, "127.0.0.1", 0, context=server_ctx) as server:
+        async with await aio.serve(async_echo, "127.0.0.1", 0, context=server_ctx) as server:
             assert server.batched == batches and server._reading
             connection = await aio.connect("127.0.0.1", server.address[1], context=client_ctx)
             connection.send(b"warm")
