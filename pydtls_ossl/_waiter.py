@@ -16,7 +16,7 @@ class RecordWaiter:
     """What ``AsyncDtlsConnection.recv()`` awaits: asyncio's future protocol
     (``_asyncio_future_blocking``, ``add_done_callback``, ``result``,
     ``cancel``, ``_loop``) without being a Future. One per connection,
-    reused by every wait, so a record costs no allocation.
+    reused by every wait: no Future per record.
 
     A Future wakes its task through ``call_soon``: one more event-loop
     iteration (and ``epoll_wait``) per record, the reply leaving in another
