@@ -98,7 +98,7 @@ class _FlowControl:
 class AsyncDtlsConnection(Introspection):
     """One association: ``await recv()``, ``send()``, ``async for``, ``await close()``."""
 
-    def __init__(self, engine: Dtls, address: Address, write: Callable[[bytes], int],
+    def __init__(self, engine: Dtls, address: Address, write: Callable[[bytes], int] | None,
                  close: Callable[[], None], flow: _FlowControl, reads_engine: bool) -> None:
         self._engine = engine
         self.address = address
@@ -154,6 +154,7 @@ class AsyncDtlsConnection(Introspection):
         """Send one record now; never blocks (see ``drain()``)."""
         if self._ended is not None:
             raise ConnectionClosed(f"association ended: {self._ended}")
+        assert self._write is not None  # (a server connection has its own send())
         return self._write(data)
 
     async def drain(self) -> None:
@@ -162,10 +163,14 @@ class AsyncDtlsConnection(Introspection):
 
     async def close(self) -> None:
         """Send close_notify and end the association."""
+        self._close_now()
+        await asyncio.sleep(0)
+
+    def _close_now(self) -> None:
+        """``close()`` but for its yield: close_notify out and the association ended, once."""
         if self._ended is None:
             self._close()
             self._end(ConnectionClosed("the association was closed by close()"))
-        await asyncio.sleep(0)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -184,9 +189,8 @@ class _ServerConnection(AsyncDtlsConnection):
     """A server's connection: ``send()`` goes straight to the server core."""
 
     def __init__(self, server: AsyncDtlsServer, engine: Dtls, address: Address) -> None:
-        super().__init__(engine, address, functools.partial(server._write, address),
-                         functools.partial(server._close_peer, address), server._flow,
-                         reads_engine=False)
+        super().__init__(engine, address, None, functools.partial(server._close_peer, address),
+                         server._flow, reads_engine=False)
         self._server = server
         self._core_send = server._core.send
 
@@ -333,7 +337,7 @@ class _ServerProtocol(asyncio.DatagramProtocol):
         self.server._flow.resume()
 
 
-class _BatchEndpoint:
+class _SocketEndpoint:
     """The server's socket without a transport: ``add_reader`` + a ``ServerSocket``
     (``recvmmsg`` in, ``sendmmsg`` out; a ``recvfrom`` loop and ``sendto`` where the
     platform has no batches). Answers what ``AsyncDtlsServer`` asks of a transport. A full socket buffer keeps what did not go in the ``ServerSocket``'s
@@ -414,7 +418,7 @@ class AsyncDtlsServer:
             raise ValueError("export_on_close needs association_store=")
         self._export_on_close = export_on_close
         self._loop = asyncio.get_running_loop()
-        self._transport: Any = None  # a DatagramTransport, or a _BatchEndpoint
+        self._transport: Any = None  # a DatagramTransport, or a _SocketEndpoint
         self._batched = False  # recvmmsg/sendmmsg
         self._reading = False  # its own add_reader and ServerSocket, not a transport
         self._burst = 0  # records the last input woke handlers for: > 1 gathers the replies
@@ -519,7 +523,6 @@ class AsyncDtlsServer:
             connection = self._connections.pop(event.old_address, None)
             if connection is not None:
                 connection.address = event.address
-                connection._write = functools.partial(self._write, event.address)
                 connection._close = functools.partial(self._close_peer, event.address)
                 self._connections[event.address] = connection
 
@@ -540,15 +543,8 @@ class AsyncDtlsServer:
             if error is not None and not isinstance(error, ConnectionClosed):
                 _log.error("DTLS connection handler for %s failed", connection.address,
                            exc_info=error)
-        if not self._closed.is_set() and connection._ended is None:
-            connection._close()
-            connection._end(ConnectionClosed("the association was closed by close()"))
-
-    def _write(self, address: Address, data: bytes) -> int:
-        n = self._core.send(address, data)
-        if not self._delivering:  # else a handler stepped by _after_io, which sends after
-            self._sent()
-        return n
+        if not self._closed.is_set():
+            connection._close_now()
 
     def _sent(self) -> None:
         """A handler queued a record outside ``_after_io``: out now, or with its batch's."""
@@ -652,7 +648,7 @@ async def serve(handler: Handler, host: str, port: int, *, context: DtlsContext,
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(infos[0][4])
             try:
-                endpoint = _BatchEndpoint(server, sock, batch_io)
+                endpoint = _SocketEndpoint(server, sock, batch_io)
             except NotImplementedError:  # a loop without add_reader (Windows' proactor)
                 endpoint = None
             if endpoint is not None:
