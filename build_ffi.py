@@ -440,7 +440,38 @@ def _source() -> str:
                                    "memory.c", "lot.c")  # after the structs they measure
                       + IO_SOURCES + ("fast.c",))  # fast.c: after io.c, whose sendmmsg helpers it uses
     # SHA256_Init & co. (deprecated in 3.0) keep precomputed HMAC states for cookies.
-    return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources
+    return "#define OPENSSL_SUPPRESS_DEPRECATED\n" + includes + guard + sources + _gil_policy()
+
+
+# cffi releases the GIL around every call. These are bounded and never block (their
+# sockets are read and written with MSG_DONTWAIT), run once per record or per batch,
+# and take no longer than the release itself; in a threaded server each release would
+# also hand the GIL to a waiting thread, one context switch more per call. Everything
+# else, the handshake above all, still runs without the GIL.
+KEEP_GIL = ("pd_pull", "pd_read", "pd_write", "pd_write_batch", "pd_get_timeout", "pd_cookie_hello",
+            "pd_io_recv", "pd_io_send", "pd_io_available", "pd_lot_has", "pd_lot_count",
+            "pd_fast_input", "pd_fast_send", "pd_fast_write", "pd_fast_put", "pd_fast_drop",
+            "pd_fast_count", "pd_fast_waiting", "pd_fast_take_dirty")
+
+
+def _gil_policy() -> str:
+    """C that makes cffi's call wrappers keep the GIL for the ``KEEP_GIL`` functions.
+
+    Each wrapper, ``_cffi_f_<name>``, brackets its call with ``Py_BEGIN_ALLOW_THREADS``
+    and ``Py_END_ALLOW_THREADS``; redefined here, they test the wrapper's own name,
+    which the compiler folds to a constant. A cffi that stopped using these macros
+    would release the GIL as before (tests/test_gil.py notices).
+    """
+    kept = " || ".join(f'strcmp(wrapper, "_cffi_f_{name}") == 0' for name in KEEP_GIL)
+    return (
+        "\nstatic inline __attribute__((always_inline)) int pd_keeps_gil(const char *wrapper)\n"
+        f"{{\n    return {kept};\n}}\n"
+        "#undef Py_BEGIN_ALLOW_THREADS\n"
+        "#define Py_BEGIN_ALLOW_THREADS \\\n"
+        "    { PyThreadState *_save = pd_keeps_gil(__func__) ? NULL : PyEval_SaveThread();\n"
+        "#undef Py_END_ALLOW_THREADS\n"
+        "#define Py_END_ALLOW_THREADS if (_save != NULL) PyEval_RestoreThread(_save); }\n"
+    )
 
 
 def _sanitizers() -> list[str]:
