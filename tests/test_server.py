@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import tracemalloc
 from typing import Any, Callable
@@ -39,6 +40,15 @@ class Net:
         self.up = LossyLink(seed, loss, duplicate=0.0, reorder=0.0)
         self.down = LossyLink(seed + 7, loss, duplicate=0.0, reorder=0.0)
         self.events: list[Any] = []
+        self._woken = threading.Event()
+        theirs = server.wakeup  # a test's own hook still runs
+
+        def woken() -> None:
+            self._woken.set()
+            if theirs is not None:
+                theirs()
+
+        server.wakeup = woken
 
     def add(self, address: Any, client: Dtls) -> Dtls:
         self.clients[address] = client
@@ -71,7 +81,8 @@ class Net:
             server_timer = self.server.get_timeout()
             if server_timer is not None:
                 timers.append(server_timer)
-            time.sleep(min(timers, default=0.01))
+            self._woken.wait(min(timers, default=0.01))  # or until a handshake worker finishes
+            self._woken.clear()
             for client in self.clients.values():
                 if client.get_timeout() == 0:
                     client.handle_timeout()
