@@ -15,6 +15,7 @@ import select
 import socket
 import threading
 import time
+from _thread import LockType as _Wake, allocate_lock as _allocate_wake
 from collections import deque
 from typing import Any
 
@@ -205,11 +206,13 @@ class DtlsListener:
         self._lock = threading.RLock()
         self._turn = threading.Condition(self._lock)  # the driver finished (close() waits on it)
         self._pumping = False
-        # callers waiting while another drives, oldest first, each on its own condition,
-        # so a round wakes only those it brought something (and one to drive next)
-        self._waiting: dict[threading.Condition, None] = {}
-        self._ready: set[threading.Condition] = set()
-        self._accept_turn = threading.Condition(self._lock)
+        # callers waiting while another drives, oldest first: each blocks on a lock of its
+        # own, which a round releases when it brought that caller's connection (or accept())
+        # something, or when it is that caller's turn to drive; the value is the list of
+        # locks the caller waits among (a connection's, or the acceptors')
+        self._waiting: dict[_Wake, list[_Wake]] = {}
+        self._ready: list[list[_Wake]] = []
+        self._acceptors: list[_Wake] = []
         # send_threadsafe() from any thread interrupts the wait through this pair
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -236,7 +239,7 @@ class DtlsListener:
                         return self._accepted.popleft()
                     if self._closed:
                         raise ConnectionClosed("the listener is closed")
-                    self._take_turn(deadline, self._accept_turn)
+                    self._take_turn(deadline, self._acceptors)
             finally:
                 self._pass_turn()
 
@@ -246,9 +249,9 @@ class DtlsListener:
         except OSError:
             pass  # a wake-up is already pending, or the listener is closed
 
-    def _take_turn(self, deadline: float | None, turn: threading.Condition) -> None:
-        """With the lock held: drive the socket once, or wait on ``turn`` while another
-        caller does.
+    def _take_turn(self, deadline: float | None, party: list[_Wake]) -> None:
+        """With the lock held: drive the socket once, or wait among ``party`` while
+        another caller does.
 
         Returns after something may have changed for the caller; raises
         ``TimeoutError`` once ``deadline`` passes.
@@ -257,11 +260,17 @@ class DtlsListener:
         if left is not None and left <= 0:
             raise TimeoutError("timed out")
         if self._pumping:
-            self._waiting[turn] = None
-            try:
-                turn.wait(left)  # woken by a round that brought something, or to drive
+            wake = _allocate_wake()
+            wake.acquire()
+            self._waiting[wake] = party
+            party.append(wake)
+            self._lock.release()
+            try:  # released by a round that brought something, or to drive
+                wake.acquire(True, -1 if left is None else left)
             finally:
-                self._waiting.pop(turn, None)
+                self._lock.acquire()
+                if self._waiting.pop(wake, None) is not None:
+                    party.remove(wake)  # timed out or interrupted: nobody released it
             return
         self._pumping = True
         try:
@@ -288,17 +297,27 @@ class DtlsListener:
             self._send_due()
         finally:
             self._pumping = False
-            self._turn.notify_all()
-            ready, self._ready = self._ready, set()
-            for waiter in ready:
-                if waiter in self._waiting:
-                    waiter.notify_all()
+            if self._closed:
+                self._turn.notify_all()
+            self._wake_ready()
+
+    def _wake_ready(self) -> None:
+        """Release every caller waiting for a connection (or accept()) that got something."""
+        waiting = self._waiting
+        for party in self._ready:
+            for wake in party:
+                if waiting.pop(wake, None) is not None:
+                    wake.release()
+            party.clear()
+        self._ready.clear()
 
     def _pass_turn(self) -> None:
         """A caller leaves recv()/accept(): if nobody drives the socket now, the
         oldest waiting caller is woken to (one wake-up, not one per waiter)."""
         if not self._pumping and self._waiting:
-            next(iter(self._waiting)).notify()
+            wake = next(iter(self._waiting))
+            self._waiting.pop(wake).remove(wake)
+            wake.release()
 
     @property
     def batched(self) -> bool:
@@ -316,22 +335,22 @@ class DtlsListener:
                 connection = DtlsConnection(self, event.address, engine)
                 self._connections[event.address] = connection
                 self._accepted.append(connection)
-                self._ready.add(self._accept_turn)
+                self._ready.append(self._acceptors)
             elif isinstance(event, DataReceived):
                 conn = self._connections.get(event.address)
                 if conn is not None:
                     conn._received.append(event.data)
-                    self._ready.add(conn._turn)
+                    self._ready.append(conn._waiters)
             elif isinstance(event, ConnectionTerminated):
                 conn = self._connections.pop(event.address, None)
                 if conn is not None:
                     conn._terminated = event
-                    self._ready.add(conn._turn)
+                    self._ready.append(conn._waiters)
             elif isinstance(event, ConnectionEvicted):  # accept() returns it again when it is back
                 conn = self._connections.pop(event.address, None)
                 if conn is not None:
                     conn._terminated = ConnectionTerminated(event.address, "moved to the association store")
-                    self._ready.add(conn._turn)
+                    self._ready.append(conn._waiters)
             elif isinstance(event, AddressChanged):  # Connection ID: the peer moved
                 conn = self._connections.pop(event.old_address, None)
                 if conn is not None:
@@ -354,9 +373,10 @@ class DtlsListener:
             self._route_events()
             self._send_due()
             self._wake()  # a caller waiting in select() notices
-            self._turn.notify_all()
-            for waiter in list(self._waiting):
-                waiter.notify_all()
+            for wake, party in self._waiting.items():
+                party.clear()
+                wake.release()
+            self._waiting.clear()
             while self._pumping:
                 self._turn.wait(1.0)
             self._sock.close()
@@ -380,7 +400,7 @@ class DtlsConnection(Introspection):
         self._received: deque[bytes] = deque()
         self._terminated: ConnectionTerminated | None = None
         self._timeout: float | None = None
-        self._turn = threading.Condition(listener._lock)
+        self._waiters: list[_Wake] = []  # recv() callers waiting for this peer
 
     def getpeername(self) -> Any:
         return self.address
@@ -418,7 +438,7 @@ class DtlsConnection(Introspection):
                         raise ConnectionClosed(f"association ended: {self._terminated.reason}") from error
                     if listener._closed:
                         raise ConnectionClosed("the listener is closed")
-                    listener._take_turn(deadline, self._turn)
+                    listener._take_turn(deadline, self._waiters)
             finally:
                 listener._pass_turn()
 
@@ -428,6 +448,9 @@ class DtlsConnection(Introspection):
                 self._listener.core.close(self.address)
                 self._listener._route_events()
                 self._listener._send_due()
+                self._listener._wake_ready()  # another thread in recv() learns at once,
+                if self._listener._pumping:  # even the one waiting for the socket
+                    self._listener._wake()
 
     def __enter__(self) -> DtlsConnection:
         return self

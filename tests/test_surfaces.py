@@ -199,3 +199,46 @@ def test_listener_waits_for_the_socket_without_holding_its_lock(certs: Any) -> N
             _threading.Event().wait(0.002)
         waiter.join()
     assert free >= 180, f"the lock was free only {free} times out of 200"
+
+
+@pytest.mark.parametrize("reader", ["drives the socket", "waits while accept() drives"])
+def test_closing_a_connection_wakes_the_thread_reading_it(server_ctx: DtlsContext, client_ctx: DtlsContext,
+                                                          reader: str) -> None:
+    """close() from one thread ends another's recv() on that peer at once, whether
+    the reader was the one waiting for the socket or was waiting for its turn."""
+    import threading as _threading
+    import time as _time
+
+    with server_ctx.listen(("127.0.0.1", 0)) as listener:
+        accepted: list[Any] = []
+        acceptor = _threading.Thread(target=lambda: accepted.append(listener.accept(timeout=10)))
+        acceptor.start()
+        client = blocking_client(client_ctx, listener.address[1])
+        acceptor.join()
+        conn = accepted[0]
+        if reader != "drives the socket":  # accept() takes the socket first, until the listener closes
+            def accept_nothing() -> None:
+                with pytest.raises(ConnectionClosed):
+                    listener.accept(timeout=10)
+
+            acceptor = _threading.Thread(target=accept_nothing, daemon=True)
+            acceptor.start()
+            while not listener._pumping:
+                _time.sleep(0.001)
+        outcome: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                conn.recv()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = _threading.Thread(target=read, daemon=True)
+        thread.start()
+        while not (listener._pumping and (reader == "drives the socket" or listener._waiting)):
+            _time.sleep(0.001)
+        conn.close()
+        thread.join(2)
+        assert not thread.is_alive(), "recv() still waits after close()"
+        assert isinstance(outcome[0], ConnectionClosed)
+        client.close()

@@ -1,7 +1,7 @@
 """Many engines on many threads at once: no crash, no cross-talk, no shared error queue.
 
 An engine is used by one thread at a time; different engines run in parallel (cffi
-releases the GIL around C calls) and share contexts. Every public call is followed by
+releases the GIL around the handshake's C calls) and share contexts. Every public call is followed by
 a check that this thread's OpenSSL error queue is empty, as the library promises.
 The server core's cross-thread ``send()`` is not tested here (it does not exist yet).
 """
