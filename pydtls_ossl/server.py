@@ -1009,12 +1009,6 @@ class DtlsServer:
         assert self._fast is not None
         self._fast.drop(peer)
 
-    def _has_output(self) -> bool:
-        """Whether ``_datagrams()`` or ``_send_fast()`` may have something to send."""
-        fast = self._fast
-        return bool(self._stateless or self._dirty or self._foreign or self._results
-                    or (fast is not None and fast.waiting()))
-
     def _send_fast(self, fd: int) -> bool:
         """Send what peers in the C table queued, with ``sendmmsg`` on ``fd``; False
         when the socket buffer filled (call again once it is writable)."""

@@ -77,8 +77,9 @@ class ServerSocket:
     def flush(self) -> bool:
         """Send every datagram due; False (and ``blocked``) when the socket buffer filled."""
         backlog, server = self._backlog, self.server
-        if not (backlog or server._has_output()):
-            return True
+        if not (backlog or server._stateless or server._dirty or server._foreign or server._results):
+            self.blocked = not server._send_fast(self._fd)  # the common case: C's queue, if anything
+            return not self.blocked
         if backlog:
             pending = list(backlog)
             backlog.clear()
