@@ -540,7 +540,8 @@ class AsyncDtlsServer:
         self._tasks.discard(task)
         if not task.cancelled():
             error = task.exception()
-            if error is not None and not isinstance(error, ConnectionClosed):
+            # KeyboardInterrupt or SystemExit: the process stops (the loop gets it too)
+            if error is not None and not isinstance(error, (ConnectionClosed, KeyboardInterrupt, SystemExit)):
                 _log.error("DTLS connection handler for %s failed", connection.address,
                            exc_info=error)
         if not self._closed.is_set():

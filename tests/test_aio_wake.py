@@ -129,3 +129,31 @@ def test_a_cancelled_wait_stays_with_its_task() -> None:
         return isinstance(done[0], asyncio.CancelledError), str(done[1])
 
     assert asyncio.run(main()) == (True, "woken")
+
+
+@pytest.mark.parametrize("raised", [ValueError, KeyboardInterrupt])
+def test_a_failed_handler_is_logged_an_interrupted_one_is_not(server_ctx: DtlsContext, client_ctx: DtlsContext,
+                                                              raised: type[BaseException],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A handler's own failure is logged with its peer; Ctrl-C (or SIGTERM in a
+    reuseport worker) reaching a handler stops the loop, and is no handler failure."""
+    async def handler(connection: aio.AsyncDtlsConnection) -> None:
+        await connection.recv()
+        raise raised("from the handler")
+
+    async def main() -> None:
+        async with await aio.serve(handler, "127.0.0.1", 0, context=server_ctx) as server:
+            connection = await aio.connect("127.0.0.1", server.address[1], context=client_ctx)
+            connection.send(b"go")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(connection.recv(), 5)  # the handler's end closes it
+            await connection.close()
+
+    with caplog.at_level("ERROR", logger="pydtls_ossl"):
+        if raised is KeyboardInterrupt:
+            with pytest.raises(KeyboardInterrupt):
+                asyncio.run(main())
+        else:
+            asyncio.run(main())
+    logged = [r for r in caplog.records if "handler" in r.getMessage() and "failed" in r.getMessage()]
+    assert len(logged) == (1 if raised is ValueError else 0)
