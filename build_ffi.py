@@ -464,7 +464,7 @@ def _gil_policy() -> str:
     """
     kept = " || ".join(f'strcmp(wrapper, "_cffi_f_{name}") == 0' for name in KEEP_GIL)
     return (
-        "\nstatic inline __attribute__((always_inline)) int pd_keeps_gil(const char *wrapper)\n"
+        "\n#include <string.h>\nstatic inline __attribute__((always_inline)) int pd_keeps_gil(const char *wrapper)\n"
         f"{{\n    return {kept};\n}}\n"
         "#undef Py_BEGIN_ALLOW_THREADS\n"
         "#define Py_BEGIN_ALLOW_THREADS \\\n"
