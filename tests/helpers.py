@@ -1,14 +1,27 @@
-"""Test helpers: an in-memory engine pair and a seeded lossy link."""
+"""Test helpers: an in-memory engine pair, a seeded lossy link, and the
+Python memory the library itself holds."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 
+import pydtls_ossl
 from pydtls_ossl import Dtls
 
 MAX_ROUNDS = 200
+
+
+def library_growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> int:
+    """Bytes that allocations in the package's own files grew by between two snapshots
+    (matched by the package's directory: a clone named pydtls_ossl holds the tests too)."""
+    package = os.path.join(os.path.dirname(os.path.abspath(pydtls_ossl.__file__)), "*")
+    ours = [tracemalloc.Filter(True, package)]
+    return sum(s.size_diff for s in after.filter_traces(ours).compare_to(
+        before.filter_traces(ours), "filename"))
 
 
 @dataclass

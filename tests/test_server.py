@@ -15,7 +15,7 @@ from pydtls_ossl.context import CookieSecret
 from pydtls_ossl.server import (ConnectionEstablished, ConnectionTerminated, DataReceived,
                                 DtlsServer)
 
-from .helpers import LossyLink, drain
+from .helpers import LossyLink, drain, library_growth
 from .test_memory import rss_bytes
 
 
@@ -140,9 +140,7 @@ def test_spoofed_hello_flood_costs_no_state(server_ctx: DtlsContext, client_ctx:
             del sent
     snapshot_after = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    ours = [tracemalloc.Filter(True, "*pydtls_ossl*")]
-    python_growth = sum(s.size_diff for s in snapshot_after.filter_traces(ours).compare_to(
-        snapshot_before.filter_traces(ours), "filename"))
+    python_growth = library_growth(snapshot_before, snapshot_after)
     assert replies == 10_000
     assert len(server) == 0 and server.handshaking == 0
     assert server.stats.hello_verify_requests == 11_000

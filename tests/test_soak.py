@@ -24,7 +24,7 @@ from pydtls_ossl import Dtls, DtlsContext, HandshakeError
 from pydtls_ossl._ffi import lib
 from pydtls_ossl.server import ConnectionEstablished, ConnectionTerminated, DtlsServer
 
-from .helpers import Pair, drain
+from .helpers import Pair, drain, library_growth
 
 pytestmark = pytest.mark.soak
 
@@ -376,9 +376,7 @@ def test_engines_dropped_without_close_free_everything(layer: str) -> None:
         marks.mark()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    ours = [tracemalloc.Filter(True, "*pydtls_ossl*")]
-    python_growth = sum(s.size_diff for s in after.filter_traces(ours).compare_to(
-        before.filter_traces(ours), "filename"))
+    python_growth = library_growth(before, after)
     print(marks.report(f"{rounds} dropped pairs ({layer})")
           + f"; Python objects kept by pydtls_ossl: {python_growth} B", file=sys.stderr)
     assert refs and all(ref() is None for ref in refs), "every dropped engine was collected"
