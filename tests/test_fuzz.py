@@ -115,7 +115,9 @@ def test_atheris_run_finds_nothing(name: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert final.startswith(f"fuzz: target={name} executions=") and " crashes=0 " in final, final
     executions = int(final.split("executions=")[1].split()[0])
-    assert executions == ATHERIS_RUNS[name]
+    # ended by its count, not its time limit; libFuzzer may run a unit past -runs
+    # (4001 of 4000 once, in CI's Debian trixie root)
+    assert ATHERIS_RUNS[name] <= executions <= ATHERIS_RUNS[name] + 10
     assert not list(tmp_path.iterdir()), "no artifact on a clean run"
 
 
