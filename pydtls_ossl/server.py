@@ -1034,6 +1034,11 @@ class DtlsServer:
                     self._dirty.append(peer)
         return self._datagrams(limit)
 
+    def _python_output(self) -> bool:
+        """Whether ``_datagrams()`` may have something to send (the queues it reads;
+        what peers in the C table queued is ``_send_fast()``'s)."""
+        return bool(self._stateless or self._dirty or self._foreign or self._results)
+
     def _datagrams(self, limit: int | None = None) -> list[tuple[bytes, Address]]:
         """``datagrams_to_send()`` but for what peers in the C table queued there."""
         if self._results and not self._collecting:

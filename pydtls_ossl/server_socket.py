@@ -77,7 +77,7 @@ class ServerSocket:
     def flush(self) -> bool:
         """Send every datagram due; False (and ``blocked``) when the socket buffer filled."""
         backlog, server = self._backlog, self.server
-        if not (backlog or server._stateless or server._dirty or server._foreign or server._results):
+        if not (backlog or server._python_output()):
             self.blocked = not server._send_fast(self._fd)  # the common case: C's queue, if anything
             return not self.blocked
         if backlog:
