@@ -340,8 +340,9 @@ class _ServerProtocol(asyncio.DatagramProtocol):
 class _SocketEndpoint:
     """The server's socket without a transport: ``add_reader`` + a ``ServerSocket``
     (``recvmmsg`` in, ``sendmmsg`` out; a ``recvfrom`` loop and ``sendto`` where the
-    platform has no batches). Answers what ``AsyncDtlsServer`` asks of a transport. A full socket buffer keeps what did not go in the ``ServerSocket``'s
-    bounded backlog, flushed when the socket is writable, ``drain()`` waiting meanwhile.
+    platform has no batches). Answers what ``AsyncDtlsServer`` asks of a transport.
+    A full socket buffer keeps what did not go in the ``ServerSocket``'s bounded
+    backlog, flushed when the socket is writable, ``drain()`` waiting meanwhile.
     """
 
     _PER_ITERATION = 256  # datagrams read per loop iteration: timers and handlers get their turn
